@@ -1,0 +1,44 @@
+"""NVIDIA CUDA through torch.cuda. No native CUDA kernels yet: every op runs torch's CUDA ops
+(cuBLAS / cuDNN through ATen)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import VENDOR, Backend, Capabilities, Kernel, ProbeResult, Verification
+from ... import ops
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+
+    def probe(self) -> ProbeResult:
+        if getattr(torch.version, "hip", None):
+            return ProbeResult(False, f"this torch is a ROCm/HIP build ({torch.version.hip}); use the rocm backend")
+        if torch.version.cuda is None:
+            return ProbeResult(False, "this torch has no CUDA support (a CPU build); install a CUDA build of torch")
+        try:
+            if not torch.cuda.is_available():
+                return ProbeResult(False, f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no "
+                                          "NVIDIA GPU (check the driver and CUDA_VISIBLE_DEVICES)")
+            return ProbeResult(True, f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
+        except Exception as exc:  # noqa: BLE001
+            return ProbeResult(False, f"CUDA initialisation failed: {exc}")
+
+    def verification(self) -> Verification:
+        return Verification("unverified", "no CUDA kernels of glmrt's own yet; the torch-op path has not been run on "
+                                          "a GPU by this project's CI")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), collective_backend="nccl",
+                            memory_query=True)
+
+    def kernels(self):
+        return [Kernel(op, f"torch-cuda.{op}", VENDOR, fn) for op, fn in ops.REFERENCE.items()]
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def memory_stats(self) -> dict:
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), "current_bytes": torch.cuda.memory_allocated()}

@@ -1,0 +1,198 @@
+"""Reading checkpoint directories: config.json plus safetensors or torch .bin weights, single or
+sharded with an index json. Pickles are loaded with ``weights_only=True`` only.
+
+The loader is strict: every checkpoint tensor is consumed (or explicitly ignored by the
+generation's name map) and every parameter filled with the shape the config implies; otherwise
+one error names everything that is missing, extra or mis-shaped, before any weight is converted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json: point glmrt.load at the checkpoint directory "
+                              "(the one holding config.json and the weight files)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from the original checkpoint") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read {path.name} in {path.parent}: {type(exc).__name__}: {exc}. The file is "
+                           "truncated or corrupt: download or copy it again")
+
+
+class WeightFiles:
+    """A lazy view of all tensors of a checkpoint, across shards."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.name_to_file: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._open: dict[Path, object] = {}
+        self._bin: dict[Path, dict] = {}
+        self._discover()
+
+    # -------------------------------------------------------------- discovery
+    def _discover(self) -> None:
+        d = self.directory
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index = d / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+                    raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map' object): {exc}") from exc
+                missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
+                if missing:
+                    raise CheckpointError(f"{index.name} lists shard file(s) missing from {d}: {', '.join(missing)}; "
+                                          "the download is incomplete")
+                self.name_to_file = {name: d / f for name, f in weight_map.items()}
+                for path in sorted(set(self.name_to_file.values())):
+                    self._scan(path, expected=[n for n, p in self.name_to_file.items() if p == path])
+                return
+        for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
+            if (d / single).is_file():
+                self._scan(d / single)
+                return
+        others = sorted(p.name for p in d.glob("*.safetensors")) or sorted(p.name for p in d.glob("*.bin"))
+        if len(others) == 1:
+            self._scan(d / others[0])
+            return
+        raise CheckpointError(
+            f"no weights found in {d}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or "
+            f"{BIN_INDEX}" + (f" (found {len(others)} unindexed weight files: add the index json)" if others else ""))
+
+    def _scan(self, path: Path, expected: list[str] | None = None) -> None:
+        """Read one file's tensor names and shapes (safetensors: header only)."""
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                handle = safe_open(str(path), framework="pt")
+                names = list(handle.keys())
+                shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise _corrupt(path, exc) from exc
+            self._open[path] = handle
+        else:
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - zip/pickle errors vary
+                raise _corrupt(path, exc) from exc
+            if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):
+                state = state["module"]  # SwissArmyTransformer / DeepSpeed checkpoints wrap the state dict
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{path} does not hold a state dict of tensors; is it a model checkpoint?")
+            self._bin[path] = state
+            names = list(state)
+            shapes = {n: tuple(t.shape) for n, t in state.items()}
+        if expected is not None:
+            absent = sorted(set(expected) - set(names))
+            if absent:
+                raise CheckpointError(f"{path.name} lacks tensor(s) its index promises: {', '.join(absent[:10])}; "
+                                      "the shard is from another checkpoint or incomplete")
+        for n in names:
+            self.name_to_file.setdefault(n, path)
+        self._shapes.update(shapes)
+
+    # -------------------------------------------------------------- access
+    def names(self) -> set[str]:
+        return set(self.name_to_file)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.name_to_file[name]
+        try:
+            if path in self._open:
+                return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+            return self._bin[path][name]
+        except Exception as exc:  # noqa: BLE001
+            raise _corrupt(path, exc) from exc
+
+    def files(self) -> list[Path]:
+        return sorted(set(self.name_to_file.values()))
+
+
+def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 combine_shape: Callable[[object, list[tuple[int, ...]]], tuple[int, ...]] | None = None,
+                 progress=None) -> dict[str, torch.Tensor]:
+    """Fill every expected canonical parameter from the checkpoint.
+
+    ``expected``: canonical name -> (shape, dtype). All names and shapes are checked before any
+    tensor is read, and one error lists every problem."""
+    available = files.names()
+    problems: list[str] = []
+    missing_params = sorted(set(expected) - set(weight_map.sources))
+    if missing_params:  # a bug in a name map, not in the checkpoint
+        raise CheckpointError(f"internal: no checkpoint name is mapped to {', '.join(missing_params[:10])}")
+    used: set[str] = set()
+    for canonical, source in weight_map.sources.items():
+        if canonical not in expected:
+            continue
+        absent = [n for n in source.names if n not in available]
+        if absent:
+            problems.append(f"missing tensor {', '.join(absent)} (needed for {canonical})")
+            continue
+        used.update(source.names)
+        shapes = [files.shape(n) for n in source.names]
+        want = expected[canonical][0]
+        got = _combined_shape(shapes, source)
+        if got != want:
+            srcs = ", ".join(f"{n} {list(s)}" for n, s in zip(source.names, shapes))
+            problems.append(f"tensor {srcs} gives shape {list(got)} but the config needs {list(want)} for "
+                            f"{canonical}")
+    extra = sorted(n for n in available - used if not weight_map.is_ignored(n))
+    if extra:
+        shown = ", ".join(extra[:12]) + (f" ... ({len(extra)} in all)" if len(extra) > 12 else "")
+        problems.append(f"unexpected tensor(s) in the checkpoint: {shown}")
+    if problems:
+        shape_issue = any("config needs" in p for p in problems)
+        hint = ("config.json and the weights disagree: use the config.json shipped with these weights"
+                if shape_issue else "the checkpoint does not match this model's layout")
+        body = "\n  ".join(problems[:30]) + (f"\n  ... {len(problems) - 30} more" if len(problems) > 30 else "")
+        raise CheckpointError(f"checkpoint {files.directory} cannot be loaded ({hint}):\n  {body}")
+
+    out: dict[str, torch.Tensor] = {}
+    items = [(c, s) for c, s in weight_map.sources.items() if c in expected]
+    for i, (canonical, source) in enumerate(items):
+        tensors = [files.get(n) for n in source.names]
+        value = source.build(tensors).to(expected[canonical][1]).contiguous()
+        out[canonical] = value
+        if progress is not None:
+            progress(i + 1, len(items))
+    return out
+
+
+def _combined_shape(shapes: list[tuple[int, ...]], source) -> tuple[int, ...]:
+    if len(shapes) == 1 and source.combine is None:
+        return tuple(shapes[0])
+    # Multi-tensor sources concatenate along rows (the only combination the name maps use);
+    # check that by building meta tensors, which costs nothing.
+    metas = [torch.empty(s, device="meta") for s in shapes]
+    return tuple(source.build(metas).shape)
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir()

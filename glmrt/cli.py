@@ -1,0 +1,205 @@
+"""The `glmrt` command (also `python -m glmrt`).
+
+Generation flags and their defaults are read from Model.generate's signature, so the CLI and the
+Python API cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import platform
+import sys
+import time
+
+from .errors import GLMRTError
+
+# Model.generate parameters exposed as flags: name -> (type, help).
+_GENERATION_FLAGS = {
+    "max_new_tokens": (int, "number of tokens to generate"),
+    "do_sample": (bool, "sample instead of greedy decoding"),
+    "temperature": (float, "sampling temperature"),
+    "top_k": (int, "keep the k most likely tokens (0: off)"),
+    "top_p": (float, "nucleus sampling mass (1.0: off)"),
+    "repetition_penalty": (float, "penalty for tokens already in the sequence (1.0: off)"),
+    "seed": (int, "random seed for sampling"),
+}
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    from .model import Model
+    defaults = {k: v.default for k, v in inspect.signature(Model.generate).parameters.items()}
+    for name, (typ, help_) in _GENERATION_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, action="store_true", default=defaults[name], help=help_)
+        else:
+            p.add_argument(flag, type=typ, default=defaults[name], help=f"{help_} (default: {defaults[name]})")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
+    if model_required:
+        p.add_argument("model", help="checkpoint directory or synthetic:<preset>")
+    else:
+        p.add_argument("model", nargs="?", help="checkpoint directory or synthetic:<preset> (shows its plan)")
+    p.add_argument("--backend", default="auto", help="backend name or alias, or auto (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    p.add_argument("--strict", action="store_true", help="fail if any op falls back to the torch reference")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmrt", description="Run GLM-family models on any accelerator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="backends (availability, verification) and, with a model, its plan")
+    _add_model_flags(info, model_required=False)
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    run = sub.add_parser("run", help="load a model and generate")
+    _add_model_flags(run, model_required=True)
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids")
+    group.add_argument("--prompt", default=None, help="prompt text (needs a checkpoint with a tokenizer)")
+    _add_generation_flags(run)
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    presets = sub.add_parser("presets", help="list the synthetic presets")
+    presets.add_argument("--json", action="store_true")
+    return parser
+
+
+def _print_backends(rows: list[dict]) -> None:
+    print("backends:")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        mark = "available  " if r["available"] else "unavailable"
+        print(f"  {r['name']:<{width}}  {mark}  [{r['verification']}]  {r['reason']}")
+
+
+def _cmd_info(args) -> int:
+    from .backends import get_backend, list_backends
+    out: dict = {"glmrt": _version(), "python": platform.python_version(), "torch": _torch_version()}
+    if args.backend != "auto" and not args.model:
+        out["backend"] = get_backend(args.backend).describe()
+    out["backends"] = list_backends()
+    if args.model:
+        from .api import load
+        model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict)
+        out["model"] = model.info()
+        out["plan"] = model.plan.report()
+        out["backend"] = model.backend.describe()
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    print(f"glmrt {out['glmrt']}  python {out['python']}  torch {out['torch']}")
+    _print_backends(out["backends"])
+    if "backend" in out:
+        b = out["backend"]
+        print(f"\nbackend {b['name']}: {b['reason']}")
+        print(f"  verification: {b['verification']['level']} — {b['verification']['detail']}")
+        print(f"  capabilities: {json.dumps(b['capabilities'])}")
+        print(f"  native: {json.dumps(b['native'])}")
+    if args.model:
+        m = out["model"]
+        c = m["config"]
+        print(f"\nmodel {m['source']}: {c['generation']}, {c['num_layers']} layers, hidden {c['hidden_size']}, "
+              f"{m['dtype']}, {m['weight_bytes'] / 1e9:.2f} GB of weights on {m['device']}")
+        print("plan (per op and implementation):")
+        for row in m["plan"]:
+            print(f"  {row['op']:<11} x{row['nodes']:<4} {row['kind']:<9} {row['impl']:<24} {row['reason']}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import torch
+    from .api import load
+    t0 = time.perf_counter()
+    model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict)
+    load_s = time.perf_counter() - t0
+    tokenizer = model.tokenizer
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise GLMRTError(f"{args.model} has no tokenizer glmrt can use: pass --prompt-ids instead")
+        prompt = tokenizer.encode(args.prompt)
+    elif args.prompt_ids:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError as exc:
+            raise GLMRTError(f"--prompt-ids must be comma-separated integers: {exc}") from None
+    else:
+        # A fixed pseudo-random prompt of 8 tokens so the command runs with nothing else given.
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (8,), generator=g).tolist()
+    gen_kwargs = {k: getattr(args, k) for k in _GENERATION_FLAGS}
+    tokens: list[int] = []
+    t1 = time.perf_counter()
+    first = None
+    if not args.json:
+        print(f"{model}\nprompt ids: {prompt}\nnew ids: ", end="", flush=True)
+    for step in model.stream([prompt], **gen_kwargs):
+        if first is None:
+            first = time.perf_counter() - t1
+        tokens.append(int(step[0]))
+        if not args.json:
+            print(tokens[-1], end=" ", flush=True)
+    total = time.perf_counter() - t1
+    decode = (total - first) / (len(tokens) - 1) if first is not None and len(tokens) > 1 else None
+    result = {"model": str(model), "prompt_ids": prompt, "new_ids": tokens, "load_s": round(load_s, 3),
+              "ttft_s": round(first, 4) if first is not None else None,
+              "tpot_s": round(decode, 4) if decode is not None else None}
+    if tokenizer is not None:
+        result["text"] = tokenizer.decode(tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        if "text" in result:
+            print(f"text: {result['text']}")
+        tpot = f", {1 / decode:.1f} tokens/s decode" if decode else ""
+        print(f"loaded in {load_s:.1f}s; first token {first or 0:.3f}s{tpot}")
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from .models import PRESETS, config_from_dict
+    rows = []
+    for name, raw in sorted(PRESETS.items()):
+        _, cfg = config_from_dict(dict(raw))
+        rows.append({"preset": f"synthetic:{name}", "generation": cfg.generation, "layers": cfg.num_layers,
+                     "hidden": cfg.hidden_size, "params_b": round(cfg.num_parameters() / 1e9, 2),
+                     "dtype": cfg.torch_dtype})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"  {r['preset']:<32} {r['generation']:<14} {r['layers']:>3} layers  hidden {r['hidden']:<6} "
+                  f"{r['params_b']:>6} B params  {r['dtype']}")
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"info": _cmd_info, "run": _cmd_run, "presets": _cmd_presets}
+    try:
+        return handlers[args.command](args)
+    except GLMRTError as exc:
+        print(f"glmrt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

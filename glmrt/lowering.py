@@ -1,0 +1,119 @@
+"""Lowering: Graph + Backend -> Plan.
+
+For every node the plan records the implementation chosen and why: a native kernel of glmrt's,
+else the backend's library (vendor) op, else the core's plain-torch reference on the backend's
+device. Dispatch is decided here, once; the runtime's hot loop calls what the plan holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import ops
+from .errors import StrictFallbackError
+from .graph import Graph, Node
+
+from .backends.base import KIND_RANK, REFERENCE, Backend
+
+
+@dataclass
+class PlanStep:
+    node: Node
+    fn: Callable
+    impl: str  # kernel name
+    kind: str  # native | vendor | reference
+    reason: str
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    free_after: tuple[str, ...] = ()  # values whose last reader is this step
+
+
+@dataclass
+class Plan:
+    backend: Backend
+    graph: Graph
+    steps: list[PlanStep]
+    device: torch.device
+
+    def report(self) -> list[dict]:
+        return [{"node": s.node.name, "op": s.node.op, "impl": s.impl, "kind": s.kind, "reason": s.reason,
+                 "shape": s.node.describe()} for s in self.steps]
+
+    def summary(self) -> list[dict]:
+        """One row per (op, implementation): how many nodes and why (the coverage report)."""
+        rows: dict[tuple, dict] = {}
+        for s in self.steps:
+            key = (s.node.op, s.impl, s.kind, s.reason)
+            if key not in rows:
+                rows[key] = {"op": s.node.op, "impl": s.impl, "kind": s.kind, "reason": s.reason, "nodes": 0}
+            rows[key]["nodes"] += 1
+        return list(rows.values())
+
+    def fallbacks(self) -> list[PlanStep]:
+        return [s for s in self.steps if s.kind == REFERENCE]
+
+
+def choose_kernel(backend: Backend, node: Node) -> tuple[Callable, str, str, str]:
+    """(fn, name, kind, reason) for one node."""
+    candidates = sorted((k for k in backend.kernels() if k.op == node.op), key=lambda k: KIND_RANK[k.kind])
+    refusals = []
+    for kernel in candidates:
+        why_not = kernel.supports(node)
+        if why_not is None:
+            reason = f"{kernel.kind} kernel supports {node.describe()}"
+            if refusals:
+                reason += f" (preferred kernels refused: {'; '.join(refusals)})"
+            return kernel.fn, kernel.name, kernel.kind, reason
+        refusals.append(f"{kernel.name}: {why_not}")
+    if refusals:
+        reason = "fallback to the torch reference: " + "; ".join(refusals)
+    else:
+        reason = f"fallback to the torch reference: backend {backend.name!r} has no kernel for op {node.op!r}"
+    return ops.REFERENCE[node.op], f"reference.{node.op}", REFERENCE, reason
+
+
+def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, strict: bool = False) -> Plan:
+    """Choose a kernel for every node and bind the (already placed) weights each node reads."""
+    steps = []
+    for node in graph.nodes:
+        fn, name, kind, reason = choose_kernel(backend, node)
+        params = {role: weights[pname] for role, pname in node.params.items()}
+        steps.append(PlanStep(node, fn, name, kind, reason, params))
+    if strict:
+        bad = [s for s in steps if s.kind == REFERENCE]
+        if bad:
+            lines = "\n".join(f"  {s.node.name}: {s.reason}" for s in bad[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise StrictFallbackError(
+                f"strict lowering onto {backend.name!r}: {len(bad)} node(s) would fall back to the torch "
+                f"reference:\n{lines}{more}\nAdd kernels for these ops or lower without strict mode.")
+    # Liveness: drop each intermediate value after its last reader, to keep peak memory low.
+    last_use: dict[str, int] = {}
+    for i, s in enumerate(steps):
+        for name in s.node.inputs:
+            last_use[name] = i
+    frees: dict[int, list[str]] = {}
+    for name, i in last_use.items():
+        if name not in graph.inputs:
+            frees.setdefault(i, []).append(name)
+    for i, s in enumerate(steps):
+        s.free_after = tuple(frees.get(i, ()))
+    return Plan(backend=backend, graph=graph, steps=steps, device=backend.device())
+
+
+def execute(plan: Plan, ctx: ops.ForwardContext, input_ids: torch.Tensor) -> torch.Tensor:
+    """Run the plan for one step; returns the graph output (logits)."""
+    env: dict[str, object] = {"input_ids": input_ids}
+    for step in plan.steps:
+        node = step.node
+        result = step.fn(ctx, node, [env[n] for n in node.inputs], step.params)
+        if len(node.outputs) == 1:
+            env[node.outputs[0]] = result
+        else:
+            for name, value in zip(node.outputs, result):
+                env[name] = value
+        for name in step.free_after:
+            env.pop(name, None)
+    return env[plan.graph.output]  # type: ignore[return-value]

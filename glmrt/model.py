@@ -1,0 +1,194 @@
+"""Model: the loaded, lowered model and the public methods (logits, generate, stream)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import GLMConfig, dtype_name
+from .errors import InputError
+from .graph import Graph
+from .lowering import Plan, execute
+from .ops import ForwardContext, KVCache
+from .sampling import SamplingParams, next_tokens
+
+
+class Model:
+    """A GLM-family model lowered onto one backend. Build it with :func:`glmrt.load`."""
+
+    def __init__(self, config: GLMConfig, graph: Graph, plan: Plan, weights: dict[str, torch.Tensor],
+                 source: str):
+        self.config = config
+        self.graph = graph
+        self.plan = plan
+        self.weights = weights
+        self.source = source
+        self.backend = plan.backend
+        self.device = plan.device
+        self.dtype = graph.dtype
+        self.tokenizer = None  # set by load() when the checkpoint ships one
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({self.source!r}, generation={c.generation}, layers={c.num_layers}, hidden={c.hidden_size}, "
+                f"dtype={dtype_name(self.dtype)}, backend={self.backend.name})")
+
+    # ------------------------------------------------------------------ inputs
+    def _as_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids
+        else:
+            seq = list(input_ids)
+            if seq and not isinstance(seq[0], (list, tuple, torch.Tensor)):
+                seq = [seq]
+            lengths = {len(s) for s in seq}
+            if len(lengths) > 1:
+                raise InputError("prompts of different lengths: left-pad them to one length and pass attention_mask "
+                                 "(0 on padding), as with transformers")
+            try:
+                ids = torch.tensor([list(map(int, s)) for s in seq], dtype=torch.long)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input_ids must be integers: {exc}") from exc
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise InputError(f"input_ids must have shape (T,) or (B, T), got {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"input_ids must be an integer tensor, got {ids.dtype}")
+        if ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise InputError("input_ids is empty: give at least one token per prompt")
+        ids = ids.to(torch.long)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = torch.as_tensor(attention_mask)
+            if mask.dim() == 1:
+                mask = mask[None]
+            if tuple(mask.shape) != tuple(ids.shape):
+                raise InputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+            mask = mask.to(torch.long)
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+            if bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise InputError("attention_mask has padding after a token: glmrt expects LEFT padding "
+                                 "(pad tokens first), like transformers' generate for decoder-only models")
+            if bool((mask.sum(-1) == 0).any()):
+                raise InputError("a prompt in the batch is all padding")
+        return ids.to(self.device), mask.to(self.device)
+
+    def _check_length(self, total: int) -> None:
+        if total > self.config.max_positions:
+            raise InputError(f"prompt plus new tokens is {total} tokens but this model handles at most "
+                             f"{self.config.max_positions} positions: shorten the prompt or max_new_tokens")
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        """Position ids counting real tokens only, so a left-padded prompt sees the same positions
+        as the unpadded one (ChatGLM2+ tokenizers and transformers do this)."""
+        return (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+    @staticmethod
+    def _causal_allowed(key_valid: torch.Tensor, q_len: int, start: int) -> torch.Tensor:
+        """(B, 1, q_len, start + q_len): key s visible to query t iff s <= start + t and s is a token."""
+        S = start + q_len
+        q_pos = torch.arange(start, S, device=key_valid.device)[:, None]
+        k_pos = torch.arange(S, device=key_valid.device)[None, :]
+        causal = k_pos <= q_pos  # (T, S)
+        return causal[None, None] & key_valid[:, None, None, :S].bool()
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Full forward without a cache: float32 logits of shape (B, T, vocab)."""
+        ids, mask = self._as_batch(input_ids, attention_mask)
+        self._check_length(ids.shape[1])
+        ctx = ForwardContext(positions=self._positions(mask), allowed=self._causal_allowed(mask, ids.shape[1], 0))
+        return execute(self.plan, ctx, ids).float()
+
+    @torch.inference_mode()
+    def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               attention_mask=None, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every prompt, a LongTensor of shape (B,), one step at a time.
+
+        Rows that reached an eos id get the pad id from then on; the iterator ends when every row
+        has finished or after max_new_tokens steps."""
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        ids, mask = self._as_batch(input_ids, attention_mask)
+        return self._stream(ids, mask, max_new_tokens, params, eos_token_id, pad_token_id)
+
+    def _stream(self, ids, mask, max_new_tokens, params, eos_token_id, pad_token_id):
+        cfg = self.config
+        B, T = ids.shape
+        total = T + max_new_tokens
+        self._check_length(total)
+        if max_new_tokens == 0:
+            return
+        eos = cfg.eos_token_ids if eos_token_id is None else (
+            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        eos_t = torch.tensor(eos if eos else [-1], device=self.device)
+        pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
+
+        with torch.inference_mode():
+            cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, total, cfg.head_dim, self.dtype, self.device)
+            key_valid = torch.ones(B, total, dtype=torch.bool, device=self.device)
+            key_valid[:, :T] = mask.bool()
+            positions = self._positions(mask)
+            ctx = ForwardContext(positions=positions, allowed=self._causal_allowed(key_valid, T, 0), cache=cache,
+                                 cache_pos=0, last_only=True)
+            logits = execute(self.plan, ctx, ids)[:, -1]  # (B, V)
+            next_pos = positions[:, -1:] + 1  # (B, 1)
+            seen = ids
+            finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                token = next_tokens(logits, seen, params, generator)
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                finished = finished | torch.isin(token, eos_t)
+            yield token.clone()
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                return
+            with torch.inference_mode():
+                seen = torch.cat((seen, token[:, None]), dim=1)
+                pos = T + step
+                ctx = ForwardContext(positions=next_pos, allowed=key_valid[:, None, None, :pos + 1], cache=cache,
+                                     cache_pos=pos, last_only=True)
+                logits = execute(self.plan, ctx, token[:, None])[:, -1]
+                next_pos = next_pos + 1
+
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 attention_mask=None, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Prompt + new tokens, (B, T + n), like transformers' generate (n <= max_new_tokens)."""
+        ids, _ = self._as_batch(input_ids, attention_mask)
+        new = list(self.stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
+                               repetition_penalty, seed, attention_mask, eos_token_id, pad_token_id))
+        if not new:
+            return ids
+        return torch.cat((ids, torch.stack(new, dim=1)), dim=1)
+
+    # ------------------------------------------------------------------ introspection
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.weights.values():
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    def info(self) -> dict:
+        return {"source": self.source, "config": self.config.to_dict(), "dtype": dtype_name(self.dtype),
+                "backend": self.backend.name, "device": str(self.device), "weight_bytes": self.weight_bytes(),
+                "plan": self.plan.summary()}

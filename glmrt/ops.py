@@ -1,0 +1,238 @@
+"""Plain-torch reference implementations of every IR op: the oracle for every kernel and backend.
+
+Each implementation has the kernel signature used by plans::
+
+    fn(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor | tuple
+
+The arithmetic follows the original model code of each release (dtypes of intermediate results
+included), as documented in ../shared/GLM_FAMILY.md; they run on whatever device the tensors are on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .graph import Node
+
+Tensor = torch.Tensor
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers holding the un-expanded KV groups.
+
+    k[layer], v[layer]: (B, num_kv_heads, max_len, head_dim), written in place."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class ForwardContext:
+    """What one forward step needs besides the node inputs.
+
+    positions: (B, T) position ids, or (B, 2, T) for 2-D RoPE (position, block position).
+    allowed:   (B, 1, T, S) bool, True where query t may attend to key s (S = cache_pos + T).
+    cache:     the KV cache, or None for a cache-free full forward.
+    cache_pos: where this step's keys are written in the cache.
+    last_only: compute logits for the last position only (prefill during generation).
+    """
+
+    positions: Tensor
+    allowed: Tensor
+    cache: KVCache | None = None
+    cache_pos: int = 0
+    last_only: bool = False
+    memo: dict = field(default_factory=dict)  # per-step tables shared by all layers (RoPE cos/sin)
+
+
+# ----------------------------------------------------------------------------- embedding / head
+def embedding(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    return F.embedding(inputs[0], params["weight"])  # (B, T, H)
+
+
+def lm_head(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    x = inputs[0]
+    if ctx.last_only:
+        x = x[:, -1:]
+    return F.linear(x, params["weight"])  # (B, T, V)
+
+
+# ----------------------------------------------------------------------------- norms
+def rms_norm(x: Tensor, weight: Tensor, eps: float, round_before_weight: bool) -> Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    normed = x.float() * torch.rsqrt(variance + eps)
+    if round_before_weight:  # transformers glm / glm4
+        return weight * normed.to(x.dtype)
+    return (weight.float() * normed).to(x.dtype)  # THUDM: fp32 product, rounded once
+
+
+def norm(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    x = inputs[0]
+    a = node.attrs
+    if a["kind"] == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), params["weight"], params.get("bias"), a["eps"])
+    return rms_norm(x, params["weight"], a["eps"], a["round_before_weight"])
+
+
+# ----------------------------------------------------------------------------- linear / activation
+def linear(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    return F.linear(inputs[0], params["weight"], params.get("bias"))
+
+
+def activation(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    x = inputs[0]
+    kind = node.attrs["kind"]
+    if kind == "swiglu":  # ChatGLM2+: silu(first half) * second half
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+    if kind == "geglu":  # GLM-130B: first half * gelu(second half)
+        a, b = x.chunk(2, dim=-1)
+        return a * F.gelu(b)
+    if kind == "gelu_tanh":  # ChatGLM-6B
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation {kind}")
+
+
+def residual(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    res, branch = inputs
+    alpha = node.attrs["alpha"]
+    return branch + (res * alpha if alpha != 1.0 else res)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+def rope_tables(positions: Tensor, rotary_dim: int, base: float, dtype: torch.dtype,
+                table_dtype: str) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (B, T, rotary_dim // 2) for the frequencies 1 / base^(2i / rotary_dim).
+
+    With table_dtype "float16" the tables are built the way ChatGLM-6B's code builds them:
+    inv_freq, positions and their product in fp16."""
+    idx = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (idx / rotary_dim))
+    if table_dtype == "float16":
+        angles = positions.to(torch.float16)[..., None] * inv_freq.to(torch.float16)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """GPT-J pairing on the first 2*cos.shape[-1] dims: (x[2i], x[2i+1]) rotate by angle i.
+    x: (B, T, heads, head_dim); cos/sin: (B, T, rotary_dim // 2)."""
+    rd = cos.shape[-1] * 2
+    rot, rest = x[..., :rd], x[..., rd:]
+    pairs = rot.unflatten(-1, (rd // 2, 2))  # (B, T, heads, rd/2, 2)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """NeoX pairing on the first 2*cos.shape[-1] dims: x*cos + rotate_half(x)*sin,
+    with cos/sin tables repeated as cat(freqs, freqs)."""
+    rd = cos.shape[-1] * 2
+    rot, rest = x[..., :rd], x[..., rd:]
+    c = torch.cat((cos, cos), dim=-1)[:, :, None, :]
+    s = torch.cat((sin, sin), dim=-1)[:, :, None, :]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+    out = rot * c + torch.cat((-x2, x1), dim=-1) * s
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def rope(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]):
+    """Split fused qkv (B, T, (nh + 2*nkv) * hd) into q (B,T,nh,hd), k, v (B,T,nkv,hd); rotate q, k."""
+    a = node.attrs
+    qkv = inputs[0]
+    hd, nh, nkv = a["head_dim"], a["num_heads"], a["num_kv_heads"]
+    q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+    q = q.unflatten(-1, (nh, hd))
+    k = k.unflatten(-1, (nkv, hd))
+    v = v.unflatten(-1, (nkv, hd))
+    kind = a["kind"]
+    key = ("rope", kind, a["rotary_dim"], a["base"], a["table_dtype"], q.dtype)
+    tables = ctx.memo.get(key)
+    if kind == "2d":
+        # ChatGLM-6B: first half of the head rotated by position, second half by block position,
+        # each half with NeoX pairing over head_dim/2 dims.
+        if tables is None:
+            half = a["head_dim"] // 2
+            tables = (rope_tables(ctx.positions[:, 0], half, a["base"], q.dtype, a["table_dtype"]),
+                      rope_tables(ctx.positions[:, 1], half, a["base"], q.dtype, a["table_dtype"]))
+            ctx.memo[key] = tables
+        (c1, s1), (c2, s2) = tables
+
+        def rot2d(x: Tensor) -> Tensor:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((apply_rope_half(x1, c1, s1), apply_rope_half(x2, c2, s2)), dim=-1)
+
+        return rot2d(q), rot2d(k), v
+    if tables is None:
+        tables = rope_tables(ctx.positions, a["rotary_dim"], a["base"], q.dtype, a["table_dtype"])
+        ctx.memo[key] = tables
+    cos, sin = tables
+    apply = apply_rope_interleaved if kind == "interleaved" else apply_rope_half
+    return apply(q, cos, sin), apply(k, cos, sin), v
+
+
+# ----------------------------------------------------------------------------- attention
+def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    """Grouped-query attention over the cache (if any) with an explicit boolean mask.
+
+    q: (B, T, nh, hd); k, v: (B, T, nkv, hd) -> (B, T, nh * hd). Scores in the model dtype,
+    softmax in fp32 (every release does this)."""
+    a = node.attrs
+    q, k, v = inputs
+    B, T, nh, hd = q.shape
+    nkv = a["num_kv_heads"]
+    k = k.transpose(1, 2)  # (B, nkv, T, hd)
+    v = v.transpose(1, 2)
+    if ctx.cache is not None:
+        layer, pos = a["layer_index"], ctx.cache_pos
+        ctx.cache.k[layer][:, :, pos:pos + T] = k
+        ctx.cache.v[layer][:, :, pos:pos + T] = v
+        k = ctx.cache.k[layer][:, :, :pos + T]
+        v = ctx.cache.v[layer][:, :, :pos + T]
+    group = nh // nkv
+    if group > 1:  # query head h reads KV group h // group
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    q = q.transpose(1, 2)  # (B, nh, T, hd)
+    allowed = ctx.allowed  # (B, 1, T, S)
+    if a["scaling"] == "layer_scaled":
+        # GLM-130B / ChatGLM-6B: q / (sqrt(hd) * c), scores in model dtype, -10000 fill,
+        # softmax(scores.float() * c), c = layer index + 1.
+        c = float(a["layer_index"] + 1)
+        scores = torch.matmul(q / (hd ** 0.5 * c), k.transpose(-1, -2))  # (B, nh, T, S)
+        scores = scores.masked_fill(~allowed, -10000.0)
+        probs = torch.softmax(scores.float() * c, dim=-1).to(q.dtype)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * a["scale"]  # (B, nh, T, S)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)  # (B, nh, T, hd)
+    return out.transpose(1, 2).reshape(B, T, nh * hd)
+
+
+KernelFn = Callable[[ForwardContext, Node, list, dict], object]
+
+REFERENCE: dict[str, KernelFn] = {
+    "embedding": embedding,
+    "norm": norm,
+    "linear": linear,
+    "rope": rope,
+    "attention": attention,
+    "activation": activation,
+    "residual": residual,
+    "lm_head": lm_head,
+}

@@ -1,0 +1,72 @@
+"""Next-token selection: greedy, or sampling with repetition penalty, temperature, top-k, top-p,
+applied in that order (the order transformers applies its logits processors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V) fp32; seen (B, S) token ids. Seen tokens' logits are divided by the penalty
+    when positive and multiplied when negative (CTRL's rule, as transformers applies it)."""
+    if penalty == 1.0:
+        return logits
+    score = torch.gather(logits, 1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[..., -1] = False  # the most likely token always stays
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    logits = filter_top_k(logits, params.top_k)
+    logits = filter_top_p(logits, params.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

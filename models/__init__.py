@@ -1,0 +1,55 @@
+"""One module per GLM generation: config mapping and checkpoint tensor-name map.
+
+Each generation module provides:
+  MODEL_TYPES        the config.json model_type values it may handle
+  matches(raw)       whether a raw config.json dict is this generation's
+  config_from_dict   raw dict -> GLMConfig (the one place a generation's differences are read)
+  weight_map(cfg)    canonical parameter name -> checkpoint tensor name(s)
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..config import GLMConfig
+from ..errors import UnsupportedModelError
+from . import chatglm, glm_hf
+from .presets import PRESETS
+
+GENERATIONS: tuple[ModuleType, ...] = (chatglm, glm_hf)
+
+
+def known_model_types() -> list[str]:
+    return sorted({t for g in GENERATIONS for t in g.MODEL_TYPES})
+
+
+def generation_for(raw: dict) -> ModuleType:
+    model_type = raw.get("model_type")
+    for gen in GENERATIONS:
+        if gen.matches(raw):
+            return gen
+    if model_type == "chatglm" and chatglm.is_first_generation(raw):
+        raise UnsupportedModelError(
+            "this config.json is ChatGLM-6B's (first generation: 2-D RoPE, DeepNorm), which this version of glmrt "
+            "does not support yet; ChatGLM2-6B, ChatGLM3-6B and GLM-4 checkpoints are supported")
+    if model_type is None:
+        raise UnsupportedModelError(
+            "config.json has no model_type: glmrt cannot tell which GLM generation this is; expected one of "
+            f"{', '.join(known_model_types())}")
+    raise UnsupportedModelError(
+        f"unknown model_type {model_type!r} in config.json: glmrt supports {', '.join(known_model_types())} "
+        "(GLM-family models only)")
+
+
+def config_from_dict(raw: dict) -> tuple[ModuleType, GLMConfig]:
+    gen = generation_for(raw)
+    return gen, gen.config_from_dict(raw)
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise UnsupportedModelError(f"unknown synthetic preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name])
+
+
+__all__ = ["GENERATIONS", "PRESETS", "config_from_dict", "generation_for", "known_model_types", "preset"]

@@ -1,0 +1,60 @@
+"""Helpers the generation modules share: explicit checkpoint name maps."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one canonical parameter comes from: one or more checkpoint tensors and how to
+    combine them (default: the single tensor as it is)."""
+
+    names: tuple[str, ...]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    # Shapes of the inputs, given the expected output shape (for checks before anything loads).
+    note: str = ""
+
+    def build(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.combine is None:
+            return tensors[0]
+        return self.combine(tensors)
+
+
+def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+@dataclass
+class WeightMap:
+    """canonical parameter name -> Source, plus the checkpoint names that are read and dropped."""
+
+    sources: dict[str, Source] = field(default_factory=dict)
+    ignore: tuple[str, ...] = ()  # regular expressions of checkpoint tensors that carry nothing we need
+
+    def add(self, canonical: str, *names: str, combine=None) -> None:
+        self.sources[canonical] = Source(tuple(names), combine)
+
+    def is_ignored(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.ignore)
+
+
+def require(raw: dict, keys: Iterable[str], what: str) -> None:
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise ConfigError(f"{what} config.json lacks {', '.join(missing)}: the file is incomplete or is not a {what} "
+                          "config; use the config.json shipped with the checkpoint")
+
+
+def eos_list(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
