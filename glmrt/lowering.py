@@ -35,7 +35,11 @@ class Plan:
     backend: Backend
     graph: Graph
     steps: list[PlanStep]
-    device: torch.device
+
+    @property
+    def device(self) -> torch.device:
+        # Asked only when running: plans for absent hardware can still be built and inspected.
+        return self.backend.device()
 
     def report(self) -> list[dict]:
         return [{"node": s.node.name, "op": s.node.op, "impl": s.impl, "kind": s.kind, "reason": s.reason,
@@ -100,7 +104,7 @@ def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, s
             frees.setdefault(i, []).append(name)
     for i, s in enumerate(steps):
         s.free_after = tuple(frees.get(i, ()))
-    return Plan(backend=backend, graph=graph, steps=steps, device=backend.device())
+    return Plan(backend=backend, graph=graph, steps=steps)
 
 
 def execute(plan: Plan, ctx: ops.ForwardContext, input_ids: torch.Tensor) -> torch.Tensor:
