@@ -17,6 +17,7 @@ from .lowering import lower
 from .model import Model
 from .models import config_from_dict, preset
 from .progress import Progress
+from .quant import parse_format, quantize_graph, quantize_weights
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 1234
@@ -57,7 +58,7 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -
 
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
-         strict: bool = False, progress: bool = True) -> Model:
+         quantize: str | None = None, strict: bool = False, progress: bool = True) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, or "synthetic:<preset>" (real widths,
@@ -65,9 +66,12 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     backend: "auto" (first available of cuda, rocm, npu, cpu), a backend name or alias.
     dtype: torch dtype or "float32" / "bfloat16" / "float16"; None keeps the checkpoint's.
     layers: keep only the first N layers (for synthetic presets, benchmarks and demos).
+    quantize: "int8" or "int4" weight-only quantization on load, per output channel, or group-wise
+        with "-g32" / "-g64" / "-g128" (e.g. "int4-g64").
     strict: fail if any node would fall back to the torch reference instead of a backend kernel.
     """
     want_dtype = parse_dtype(dtype)
+    quant_format = parse_format(quantize)
     be = require_available(backend)
     spec = str(path_or_preset)
     files = None
@@ -107,6 +111,10 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
             weights = synthetic_weights(graph, progress=bar)
     finally:
         bar.close()
+    if quant_format is not None:
+        quantized = quantize_graph(graph, *quant_format)
+        weights = quantize_weights(graph, quantized, weights)
+        graph = quantized
     device = be.device()
     weights = {name: t.to(device) for name, t in weights.items()}
     plan = lower(graph, be, weights, strict=strict)

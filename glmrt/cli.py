@@ -7,6 +7,7 @@ Python API cannot disagree.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import platform
@@ -27,6 +28,10 @@ _GENERATION_FLAGS = {
 }
 
 
+# Modules that add their own subcommands (see _parser).
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     from .model import Model
     defaults = {k: v.default for k, v in inspect.signature(Model.generate).parameters.items()}
@@ -36,6 +41,16 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", default=defaults[name], help=help_)
         else:
             p.add_argument(flag, type=typ, default=defaults[name], help=f"{help_} (default: {defaults[name]})")
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """For subcommand modules: the generation flags, defaults taken from Model.generate."""
+    _add_generation_flags(p)
+
+
+def add_model_flags(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    """For subcommand modules: MODEL, --backend, --dtype, --layers, --strict."""
+    _add_model_flags(p, model_required)
 
 
 def _add_model_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
@@ -67,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the synthetic presets")
     presets.add_argument("--json", action="store_true")
+
+    # Larger commands live in their own modules; each has register(subparsers) that adds its
+    # parser and sets `handler` (a function of the parsed args returning an exit code).
+    for module_name in _COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
@@ -193,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"info": _cmd_info, "run": _cmd_run, "presets": _cmd_presets}
     try:
-        return handlers[args.command](args)
+        handler = getattr(args, "handler", None) or handlers[args.command]
+        return handler(args)
     except GLMRTError as exc:
         print(f"glmrt: error: {exc}", file=sys.stderr)
         return 2

@@ -87,7 +87,14 @@ def norm(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str
 
 # ----------------------------------------------------------------------------- linear / activation
 def linear(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
-    return F.linear(inputs[0], params["weight"], params.get("bias"))
+    x = inputs[0]
+    q = node.attrs.get("quant")
+    if q is None:
+        return F.linear(x, params["weight"], params.get("bias"))
+    # Weight-only quantized: dequantize (see glmrt.quant), then a plain matmul in the model dtype.
+    from .quant import dequantize
+    w = dequantize(params["weight"], params["scale"], q["bits"], q["group_size"], q["in_features"], x.dtype)
+    return F.linear(x, w, params.get("bias"))
 
 
 def activation(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
