@@ -15,7 +15,7 @@ from .errors import ConfigError, UnsupportedModelError
 from .graph import Graph, build_graph
 from .lowering import lower
 from .model import Model
-from .models import config_from_dict, preset
+from .models import config_from_dict, glm130b, preset
 from .progress import Progress
 from .quant import parse_format, quantize_graph, quantize_weights
 
@@ -58,7 +58,8 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -
 
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
-         quantize: str | None = None, strict: bool = False, progress: bool = True) -> Model:
+         quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
+         progress: bool = True) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, or "synthetic:<preset>" (real widths,
@@ -68,6 +69,8 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     layers: keep only the first N layers (for synthetic presets, benchmarks and demos).
     quantize: "int8" or "int4" weight-only quantization on load, per output channel, or group-wise
         with "-g32" / "-g64" / "-g128" (e.g. "int4-g64").
+    token_ids: GLM-130B only: special-token ids for checkpoints trained with another tokenizer than
+        icetk, e.g. {"gmask": ..., "sop": ..., "eop": ..., "eos": ..., "mask": ...}.
     strict: fail if any node would fall back to the torch reference instead of a backend kernel.
     """
     want_dtype = parse_dtype(dtype)
@@ -86,8 +89,20 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
                 "glmrt never downloads: give a local directory")
         if not directory.is_dir():
             raise UnsupportedModelError(f"{spec!r} is a file: pass the checkpoint directory that holds config.json")
-        raw = checkpoint.read_config(directory)
+        if not (directory / "config.json").is_file() and glm130b.is_sat_dir(directory):
+            raw = glm130b.read_model_args(directory)
+            files = glm130b.SATShards(directory, raw.get("model_parallel_size"))
+        else:
+            raw = checkpoint.read_config(directory)
         source = str(directory)
+    if token_ids:
+        if raw.get("model_type") != "glm-130b":
+            raise ConfigError("token_ids overrides GLM-130B's special-token ids only; other generations read them "
+                              "from config.json")
+        unknown = set(token_ids) - set(glm130b.ICETK_TOKEN_IDS)
+        if unknown:
+            raise ConfigError(f"unknown token_ids keys {sorted(unknown)}: use {sorted(glm130b.ICETK_TOKEN_IDS)}")
+        raw = dict(raw, token_ids=dict(token_ids))
     generation, cfg = config_from_dict(raw)
     cfg = _cut_layers(cfg, layers)
     dtype_ = want_dtype or cfg.dtype
@@ -98,8 +113,9 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
 
     bar = Progress(f"loading {source}", len(graph.params), enabled=progress)
     try:
-        if files is None and not spec.startswith(SYNTHETIC_PREFIX):
-            files = checkpoint.WeightFiles(directory)
+        if not spec.startswith(SYNTHETIC_PREFIX):
+            if files is None:
+                files = checkpoint.WeightFiles(directory)
             expected = {name: (p.shape, p.dtype) for name, p in graph.params.items()}
             wmap = generation.weight_map(cfg)
             if layers is not None:  # a depth-cut load drops the checkpoint's deeper layers on purpose

@@ -86,12 +86,6 @@ class Model:
                              f"{self.config.max_positions} positions: shorten the prompt or max_new_tokens")
 
     @staticmethod
-    def _positions(mask: torch.Tensor) -> torch.Tensor:
-        """Position ids counting real tokens only, so a left-padded prompt sees the same positions
-        as the unpadded one (ChatGLM2+ tokenizers and transformers do this)."""
-        return (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-
-    @staticmethod
     def _causal_allowed(key_valid: torch.Tensor, q_len: int, start: int) -> torch.Tensor:
         """(B, 1, q_len, start + q_len): key s visible to query t iff s <= start + t and s is a token."""
         S = start + q_len
@@ -100,13 +94,19 @@ class Model:
         causal = k_pos <= q_pos  # (T, S)
         return causal[None, None] & key_valid[:, None, None, :S].bool()
 
+    def _layout(self, ids: torch.Tensor, mask: torch.Tensor) -> "_Layout":
+        if self.config.mask_kind == "prefix":
+            return _PrefixLayout(self.config, ids, mask)
+        return _CausalLayout(mask)
+
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Full forward without a cache: float32 logits of shape (B, T, vocab)."""
         ids, mask = self._as_batch(input_ids, attention_mask)
         self._check_length(ids.shape[1])
-        ctx = ForwardContext(positions=self._positions(mask), allowed=self._causal_allowed(mask, ids.shape[1], 0))
+        layout = self._layout(ids, mask)
+        ctx = ForwardContext(positions=layout.positions, allowed=layout.allowed(self._causal_allowed(mask, ids.shape[1], 0), mask))
         return execute(self.plan, ctx, ids).float()
 
     @torch.inference_mode()
@@ -143,11 +143,10 @@ class Model:
             cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, total, cfg.head_dim, self.dtype, self.device)
             key_valid = torch.ones(B, total, dtype=torch.bool, device=self.device)
             key_valid[:, :T] = mask.bool()
-            positions = self._positions(mask)
-            ctx = ForwardContext(positions=positions, allowed=self._causal_allowed(key_valid, T, 0), cache=cache,
-                                 cache_pos=0, last_only=True)
+            layout = self._layout(ids, mask)
+            ctx = ForwardContext(positions=layout.positions, allowed=layout.allowed(self._causal_allowed(key_valid, T, 0), key_valid),
+                                 cache=cache, cache_pos=0, last_only=True)
             logits = execute(self.plan, ctx, ids)[:, -1]  # (B, V)
-            next_pos = positions[:, -1:] + 1  # (B, 1)
             seen = ids
             finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
@@ -161,10 +160,9 @@ class Model:
             with torch.inference_mode():
                 seen = torch.cat((seen, token[:, None]), dim=1)
                 pos = T + step
-                ctx = ForwardContext(positions=next_pos, allowed=key_valid[:, None, None, :pos + 1], cache=cache,
-                                     cache_pos=pos, last_only=True)
+                ctx = ForwardContext(positions=layout.generated_positions(step), allowed=key_valid[:, None, None, :pos + 1],
+                                     cache=cache, cache_pos=pos, last_only=True)
                 logits = execute(self.plan, ctx, token[:, None])[:, -1]
-                next_pos = next_pos + 1
 
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -192,3 +190,82 @@ class Model:
         return {"source": self.source, "config": self.config.to_dict(), "dtype": dtype_name(self.dtype),
                 "backend": self.backend.name, "device": str(self.device), "weight_bytes": self.weight_bytes(),
                 "plan": self.plan.summary()}
+
+
+class _CausalLayout:
+    """ChatGLM2 and later: positions count real tokens only (left padding gets position 0), so a
+    padded prompt sees the same positions as the unpadded one; the mask is causal."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        self._last = self.positions[:, -1:]
+
+    def allowed(self, causal: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        return causal
+
+    def generated_positions(self, step: int) -> torch.Tensor:
+        """Positions of the token generated at `step` (0-based), fed back as input: (B, 1)."""
+        return self._last + 1 + step
+
+
+class _PrefixLayout:
+    """GLM-130B and ChatGLM-6B: everything before `<sop>` sees everything before `<sop>`; from
+    `<sop>` on attention is causal. Positions follow where [gMASK] (or [MASK]) and `<sop>` stand:
+
+    - 2-D (ChatGLM-6B): position ids 0, 1, ... up to the mask token; `<sop>` and every generated
+      token take the mask token's index. Block ids are 0 over the context, 1 at `<sop>`, then 2, 3...
+    - 1-D (GLM-130B): plain 0..n-1 with [gMASK]; with [MASK], `<sop>` and the generated tokens
+      take the mask token's index.
+    Indices count from the first real token of each (left-padded) row."""
+
+    def __init__(self, cfg: GLMConfig, ids: torch.Tensor, mask: torch.Tensor):
+        B, T = ids.shape
+        device = ids.device
+        pad = (T - mask.sum(-1)).long()  # (B,)
+        idx = torch.arange(T, device=device)[None, :].expand(B, T)
+        real = mask.bool()
+
+        def first(token_id):
+            hit = (ids == token_id) & real
+            found = hit.any(-1)
+            return torch.where(found, hit.float().argmax(-1), torch.full_like(pad, -1)), found
+
+        sop, has_sop = first(cfg.sop_token_id)
+        gmask, has_gmask = first(cfg.gmask_token_id)
+        plain_mask, has_mask = first(cfg.mask_token_id) if cfg.mask_token_id is not None else (sop, has_sop & False)
+        if not bool(has_sop.all()) or not bool((has_gmask | has_mask).all()):
+            raise InputError(
+                f"{cfg.generation} prompts must hold [gMASK] (id {cfg.gmask_token_id}) or [MASK] "
+                f"(id {cfg.mask_token_id}) followed by <sop> (id {cfg.sop_token_id}), as the release's tokenizer builds "
+                "them (text + [gMASK] + <sop>); use Model.build_inputs(ids) or the chat API")
+        mask_pos = torch.where(has_gmask, gmask, plain_mask)  # (B,)
+        if bool((mask_pos > sop).any()):
+            raise InputError("the mask token must come before <sop> in every prompt")
+        self.context = sop  # keys before <sop> are visible to every query
+        rel = (idx - pad[:, None]).clamp(min=0)
+        after = idx >= sop[:, None]
+        self.two_d = cfg.rope_kind == "2d"
+        self._pad, self._sop, self._mask_pos, self._T = pad, sop, mask_pos, T
+        self._use_gmask = has_gmask
+        if self.two_d:
+            pos = torch.where(after, (mask_pos - pad)[:, None].expand(B, T), rel)
+            block = torch.where(after, idx - sop[:, None] + 1, torch.zeros_like(idx))
+            self.positions = torch.stack((pos, block), dim=1)  # (B, 2, T)
+        else:
+            frozen = after & ~has_gmask[:, None]
+            self.positions = torch.where(frozen, (mask_pos - pad)[:, None].expand(B, T), rel)  # (B, T)
+
+    def allowed(self, causal: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        S = causal.shape[-1]
+        k = torch.arange(S, device=causal.device)[None, :]
+        prefix = (k < self.context[:, None]) & key_valid[:, :S].bool()  # (B, S)
+        return causal | prefix[:, None, None, :]
+
+    def generated_positions(self, step: int) -> torch.Tensor:
+        absolute = self._T + step  # index of the token fed back at this step
+        if self.two_d:
+            pos = (self._mask_pos - self._pad)[:, None]
+            block = (absolute - self._sop + 1)[:, None]
+            return torch.stack((pos, block), dim=1)  # (B, 2, 1)
+        plain = (absolute - self._pad)[:, None]
+        return torch.where(self._use_gmask[:, None], plain, (self._mask_pos - self._pad)[:, None])

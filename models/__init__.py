@@ -13,10 +13,10 @@ from types import ModuleType
 
 from ..config import GLMConfig
 from ..errors import UnsupportedModelError
-from . import chatglm, glm_hf
+from . import chatglm, chatglm6b, glm130b, glm_hf
 from .presets import PRESETS
 
-GENERATIONS: tuple[ModuleType, ...] = (chatglm, glm_hf)
+GENERATIONS: tuple[ModuleType, ...] = (chatglm, chatglm6b, glm_hf, glm130b)
 
 
 def known_model_types() -> list[str]:
@@ -28,10 +28,6 @@ def generation_for(raw: dict) -> ModuleType:
     for gen in GENERATIONS:
         if gen.matches(raw):
             return gen
-    if model_type == "chatglm" and chatglm.is_first_generation(raw):
-        raise UnsupportedModelError(
-            "this config.json is ChatGLM-6B's (first generation: 2-D RoPE, DeepNorm), which this version of glmrt "
-            "does not support yet; ChatGLM2-6B, ChatGLM3-6B and GLM-4 checkpoints are supported")
     if model_type is None:
         raise UnsupportedModelError(
             "config.json has no model_type: glmrt cannot tell which GLM generation this is; expected one of "

@@ -50,3 +50,16 @@ PRESETS: dict[str, dict] = {
         "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329, "torch_dtype": "bfloat16",
     },
 }
+
+PRESETS["chatglm-6b"] = {
+    "model_type": "chatglm", "architectures": ["ChatGLMModel"], "vocab_size": 130528, "hidden_size": 4096,
+    "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384, "layernorm_epsilon": 1e-05,
+    "max_sequence_length": 2048, "position_encoding_2d": True, "bos_token_id": 130004, "eos_token_id": 130005,
+    "mask_token_id": 130000, "gmask_token_id": 130001, "pad_token_id": 3, "torch_dtype": "float16",
+}
+# GLM-130B's configs/model_glm_130b.sh, as parsed by models.glm130b.parse_model_args.
+PRESETS["glm-130b"] = {
+    "model_type": "glm-130b", "num_layers": 70, "hidden_size": 12288, "inner_hidden_size": 32768,
+    "vocab_size": 150528, "num_attention_heads": 96, "max_sequence_length": 2048, "model_parallel_size": 8,
+    "fp16": True,
+}
