@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from .errors import CheckpointError
@@ -136,7 +134,6 @@ class WeightFiles:
 
 
 def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 combine_shape: Callable[[object, list[tuple[int, ...]]], tuple[int, ...]] | None = None,
                  progress=None) -> dict[str, torch.Tensor]:
     """Fill every expected canonical parameter from the checkpoint.
 
@@ -158,6 +155,13 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
         used.update(source.names)
         shapes = [files.shape(n) for n in source.names]
         want = expected[canonical][0]
+        parts = source.expected_part_shapes(want)
+        if parts is not None:
+            bad = [f"tensor {n} has shape {list(s)} but the config needs {list(p)}"
+                   for n, s, p in zip(source.names, shapes, parts) if tuple(s) != tuple(p)]
+            if bad:
+                problems.extend(bad)
+                continue
         got = _combined_shape(shapes, source)
         if got != want:
             srcs = ", ".join(f"{n} {list(s)}" for n, s in zip(source.names, shapes))

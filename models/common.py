@@ -18,8 +18,14 @@ class Source:
 
     names: tuple[str, ...]
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
-    # Shapes of the inputs, given the expected output shape (for checks before anything loads).
-    note: str = ""
+    # For row concatenations: the row count each source tensor must have, so that a mis-shaped
+    # part is reported with its own expected shape.
+    part_rows: tuple[int, ...] | None = None
+
+    def expected_part_shapes(self, want: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+        if self.part_rows is None:
+            return None
+        return [(rows, *want[1:]) for rows in self.part_rows]
 
     def build(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.combine is None:
@@ -38,8 +44,8 @@ class WeightMap:
     sources: dict[str, Source] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()  # regular expressions of checkpoint tensors that carry nothing we need
 
-    def add(self, canonical: str, *names: str, combine=None) -> None:
-        self.sources[canonical] = Source(tuple(names), combine)
+    def add(self, canonical: str, *names: str, combine=None, part_rows: tuple[int, ...] | None = None) -> None:
+        self.sources[canonical] = Source(tuple(names), combine, part_rows)
 
     def is_ignored(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.ignore)

@@ -74,9 +74,12 @@ def weight_map(cfg: GLMConfig) -> WeightMap:
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}", f"layers.{i}"
         m.add(f"{dst}.attn_norm.weight", f"{src}.input_layernorm.weight")
-        m.add(f"{dst}.attn.qkv.weight", *(f"{src}.self_attn.{p}_proj.weight" for p in "qkv"), combine=concat_rows)
+        rows = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        m.add(f"{dst}.attn.qkv.weight", *(f"{src}.self_attn.{p}_proj.weight" for p in "qkv"), combine=concat_rows,
+              part_rows=rows)
         if cfg.qkv_bias:
-            m.add(f"{dst}.attn.qkv.bias", *(f"{src}.self_attn.{p}_proj.bias" for p in "qkv"), combine=concat_rows)
+            m.add(f"{dst}.attn.qkv.bias", *(f"{src}.self_attn.{p}_proj.bias" for p in "qkv"), combine=concat_rows,
+                  part_rows=rows)
         m.add(f"{dst}.attn.dense.weight", f"{src}.self_attn.o_proj.weight")
         m.add(f"{dst}.mlp_norm.weight", f"{src}.post_attention_layernorm.weight")
         m.add(f"{dst}.mlp.up.weight", f"{src}.mlp.gate_up_proj.weight")

@@ -29,7 +29,8 @@ def test_every_preset_builds_a_graph_with_real_widths(preset):
     qkv = graph.params["layers.0.attn.qkv.weight"]
     assert qkv.shape == (cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size)
     rope = next(n for n in graph.nodes if n.op == "rope")
-    assert rope.attrs["rotary_dim"] == cfg.head_dim // 2 and rope.attrs["kind"] == "interleaved"
+    expected_rope = {"chatglm-6b": ("2d", 128), "glm-130b": ("half", 128)}.get(preset, ("interleaved", 64))
+    assert (rope.attrs["kind"], rope.attrs["rotary_dim"]) == expected_rope
     assert sum(1 for n in graph.nodes if n.op == "attention") == cfg.num_layers
 
 
