@@ -18,7 +18,7 @@ fi
 # build never pulls a second copy of anything (and never a CUDA torch).
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 if [ "${GLMRT_SETUP_TEST_DEPS:-1}" = "1" ]; then
-  "$VPY" -m pip install -q "pytest>=7" "transformers>=4.46" sentencepiece tiktoken tokenizers protobuf numpy safetensors matplotlib jsonschema
+  "$VPY" -m pip install -q "pytest>=7" "transformers>=4.46" sentencepiece tiktoken tokenizers protobuf numpy safetensors matplotlib jsonschema jinja2
 fi
 echo "glmrt setup: building and installing glmrt" >&2
 "$VPY" -m pip install -q --no-build-isolation .

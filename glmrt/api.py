@@ -15,7 +15,7 @@ from .errors import ConfigError, UnsupportedModelError
 from .graph import Graph, build_graph
 from .lowering import lower
 from .model import Model
-from .models import config_from_dict, glm130b, preset
+from .models import config_from_dict, glm130b, preset, tokenizer_family
 from .progress import Progress
 from .quant import parse_format, quantize_graph, quantize_weights
 
@@ -134,4 +134,11 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     device = be.device()
     weights = {name: t.to(device) for name, t in weights.items()}
     plan = lower(graph, be, weights, strict=strict)
-    return Model(cfg, graph, plan, weights, source)
+    model = Model(cfg, graph, plan, weights, source)
+    if not spec.startswith(SYNTHETIC_PREFIX):
+        family = tokenizer_family(cfg, directory)
+        if family is not None:
+            from .tokenizer import load_tokenizer
+            model.tokenizer = load_tokenizer(directory, family)
+            model.chat_family = family
+    return model

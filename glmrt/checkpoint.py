@@ -162,7 +162,12 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
             if bad:
                 problems.extend(bad)
                 continue
-        got = _combined_shape(shapes, source)
+        try:
+            got = _combined_shape(shapes, source)
+        except (RuntimeError, ValueError) as exc:  # e.g. a fused QKV that does not split into heads
+            srcs = ", ".join(f"{n} {list(s)}" for n, s in zip(source.names, shapes))
+            problems.append(f"tensor {srcs} cannot form {canonical} with the config's shape {list(want)} ({exc})")
+            continue
         if got != want:
             srcs = ", ".join(f"{n} {list(s)}" for n, s in zip(source.names, shapes))
             problems.append(f"tensor {srcs} gives shape {list(got)} but the config needs {list(want)} for "
@@ -172,7 +177,7 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
         shown = ", ".join(extra[:12]) + (f" ... ({len(extra)} in all)" if len(extra) > 12 else "")
         problems.append(f"unexpected tensor(s) in the checkpoint: {shown}")
     if problems:
-        shape_issue = any("config needs" in p for p in problems)
+        shape_issue = any("config needs" in p or "config's shape" in p for p in problems)
         hint = ("config.json and the weights disagree: use the config.json shipped with these weights"
                 if shape_issue else "the checkpoint does not match this model's layout")
         body = "\n  ".join(problems[:30]) + (f"\n  ... {len(problems) - 30} more" if len(problems) > 30 else "")

@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_generation_flags(run)
     run.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    chat = sub.add_parser("chat", help="interactive chat with streaming replies (needs a checkpoint's tokenizer)")
+    _add_model_flags(chat, model_required=True)
+    chat.add_argument("--system", default=None, help="a system message to start with")
+    _add_generation_flags(chat)
+
     presets = sub.add_parser("presets", help="list the synthetic presets")
     presets.add_argument("--json", action="store_true")
 
@@ -142,7 +147,7 @@ def _cmd_run(args) -> int:
     if args.prompt is not None:
         if tokenizer is None:
             raise GLMRTError(f"{args.model} has no tokenizer glmrt can use: pass --prompt-ids instead")
-        prompt = tokenizer.encode(args.prompt)
+        prompt = model.build_inputs(tokenizer.encode(args.prompt))
     elif args.prompt_ids:
         try:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -152,6 +157,8 @@ def _cmd_run(args) -> int:
         # A fixed pseudo-random prompt of 8 tokens so the command runs with nothing else given.
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, model.config.vocab_size, (8,), generator=g).tolist()
+        if model.config.gmask_token_id is not None and model.config.sop_token_id is not None:
+            prompt = model.build_inputs(prompt)
     gen_kwargs = {k: getattr(args, k) for k in _GENERATION_FLAGS}
     tokens: list[int] = []
     t1 = time.perf_counter()
@@ -180,6 +187,36 @@ def _cmd_run(args) -> int:
         tpot = f", {1 / decode:.1f} tokens/s decode" if decode else ""
         print(f"loaded in {load_s:.1f}s; first token {first or 0:.3f}s{tpot}")
     return 0
+
+
+def _cmd_chat(args) -> int:
+    from .api import load
+    model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict)
+    model._require_tokenizer()
+    gen_kwargs = {k: getattr(args, k) for k in _GENERATION_FLAGS}
+    if gen_kwargs["max_new_tokens"] == inspect.signature(type(model).generate).parameters["max_new_tokens"].default:
+        gen_kwargs["max_new_tokens"] = 512
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"{model} — chat format {model.chat_family}. Empty line or Ctrl-D to quit; /clear forgets the history.")
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/clear":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        pieces = []
+        for text in model.chat_stream(history, **gen_kwargs):
+            pieces.append(text)
+            print(text, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def _cmd_presets(args) -> int:
@@ -211,7 +248,7 @@ def _torch_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"info": _cmd_info, "run": _cmd_run, "presets": _cmd_presets}
+    handlers = {"info": _cmd_info, "run": _cmd_run, "chat": _cmd_chat, "presets": _cmd_presets}
     try:
         handler = getattr(args, "handler", None) or handlers[args.command]
         return handler(args)

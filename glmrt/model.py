@@ -28,6 +28,7 @@ class Model:
         self.device = plan.device
         self.dtype = graph.dtype
         self.tokenizer = None  # set by load() when the checkpoint ships one
+        self.chat_family: str | None = None  # the glmrt.chat format of that tokenizer
 
     def __repr__(self) -> str:
         c = self.config
@@ -176,6 +177,58 @@ class Model:
             return ids
         return torch.cat((ids, torch.stack(new, dim=1)), dim=1)
 
+    # ------------------------------------------------------------------ text and chat
+    def build_inputs(self, ids: Sequence[int]) -> list[int]:
+        """Raw token ids -> the model's input with its special tokens where the release puts
+        them: `ids + [gMASK] <sop>` (GLM-130B, ChatGLM-6B), `[gMASK] <sop> + ids` (later)."""
+        cfg = self.config
+        if cfg.gmask_token_id is None or cfg.sop_token_id is None:
+            raise InputError(f"{cfg.generation} has no [gMASK]/<sop> ids in its config; pass full input ids")
+        specials = [cfg.gmask_token_id, cfg.sop_token_id]
+        ids = [int(i) for i in ids]
+        return ids + specials if cfg.mask_kind == "prefix" else specials + ids
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None or self.chat_family is None:
+            raise InputError(f"{self.source} has no tokenizer glmrt can read (synthetic presets have none): load a "
+                             "checkpoint directory that ships its tokenizer files, or work with token ids")
+        return self.tokenizer
+
+    def chat_stream(self, messages, tools=None, **generation) -> Iterator[str]:
+        """Stream the assistant's reply as text; a multi-byte character is never split."""
+        from .chat import StreamDecoder, build_prompt, stop_ids
+        tokenizer = self._require_tokenizer()
+        prompt = build_prompt(self.chat_family, tokenizer, messages, tools)
+        stops = stop_ids(self.chat_family, tokenizer)
+        generation.setdefault("max_new_tokens", 256)
+        decoder = StreamDecoder(tokenizer)
+        for step in self.stream([prompt], eos_token_id=stops, **generation):
+            token = int(step[0])
+            if token in stops:
+                break
+            text = decoder.feed(token)
+            if text:
+                yield text
+        rest = decoder.flush()
+        if rest:
+            yield rest
+
+    def chat(self, messages, tools=None, **generation) -> dict:
+        """The next assistant turn: {"role", "content", "tool_calls", "malformed_tool_call",
+        "token_ids"}. Tool calls are parsed per release (ChatGLM3, GLM-4); malformed tool-call
+        text comes back as plain content with malformed_tool_call=True."""
+        from .chat import build_prompt, parse_reply, stop_ids
+        tokenizer = self._require_tokenizer()
+        prompt = build_prompt(self.chat_family, tokenizer, messages, tools)
+        stops = stop_ids(self.chat_family, tokenizer)
+        generation.setdefault("max_new_tokens", 256)
+        out = self.generate([prompt], eos_token_id=stops, **generation)[0, len(prompt):].tolist()
+        while out and out[-1] in stops:
+            out.pop()
+        reply = parse_reply(self.chat_family, tokenizer.decode(out, skip_special=False))
+        reply["token_ids"] = out
+        return reply
+
     # ------------------------------------------------------------------ introspection
     def weight_bytes(self) -> int:
         seen, total = set(), 0
@@ -238,7 +291,14 @@ class _PrefixLayout:
                 f"{cfg.generation} prompts must hold [gMASK] (id {cfg.gmask_token_id}) or [MASK] "
                 f"(id {cfg.mask_token_id}) followed by <sop> (id {cfg.sop_token_id}), as the release's tokenizer builds "
                 "them (text + [gMASK] + <sop>); use Model.build_inputs(ids) or the chat API")
-        mask_pos = torch.where(has_gmask, gmask, plain_mask)  # (B,)
+        # Which mask token fixes the positions when a prompt holds both: ChatGLM-6B's model code
+        # prefers [gMASK]; GLM-130B's generate.py prefers [MASK].
+        if cfg.rope_kind == "2d":
+            mask_pos = torch.where(has_gmask, gmask, plain_mask)  # (B,)
+            has_gmask_used = has_gmask
+        else:
+            mask_pos = torch.where(has_mask, plain_mask, gmask)
+            has_gmask_used = has_gmask & ~has_mask
         if bool((mask_pos > sop).any()):
             raise InputError("the mask token must come before <sop> in every prompt")
         self.context = sop  # keys before <sop> are visible to every query
@@ -246,13 +306,13 @@ class _PrefixLayout:
         after = idx >= sop[:, None]
         self.two_d = cfg.rope_kind == "2d"
         self._pad, self._sop, self._mask_pos, self._T = pad, sop, mask_pos, T
-        self._use_gmask = has_gmask
+        self._use_gmask = has_gmask_used
         if self.two_d:
             pos = torch.where(after, (mask_pos - pad)[:, None].expand(B, T), rel)
             block = torch.where(after, idx - sop[:, None] + 1, torch.zeros_like(idx))
             self.positions = torch.stack((pos, block), dim=1)  # (B, 2, T)
         else:
-            frozen = after & ~has_gmask[:, None]
+            frozen = after & ~has_gmask_used[:, None]
             self.positions = torch.where(frozen, (mask_pos - pad)[:, None].expand(B, T), rel)  # (B, T)
 
     def allowed(self, causal: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:

@@ -49,3 +49,30 @@ def preset(name: str) -> dict:
 
 
 __all__ = ["GENERATIONS", "PRESETS", "config_from_dict", "generation_for", "known_model_types", "preset"]
+
+
+def tokenizer_family(cfg: GLMConfig, directory) -> str | None:
+    """Which glmrt.tokenizer family reads this checkpoint's tokenizer, decided from the generation
+    and the files' contents (never from a directory name); None when the checkpoint has none."""
+    from pathlib import Path
+    d = Path(directory)
+    gen = cfg.generation
+    if gen in ("chatglm-6b", "glm-130b"):
+        return gen if (d / "ice_text.model").is_file() else None
+    if cfg.source_model_type in ("glm", "glm4"):
+        return "hf" if (d / "tokenizer.json").is_file() else None
+    model = d / "tokenizer.model"
+    if not model.is_file():
+        return "hf" if (d / "tokenizer.json").is_file() else None
+    with open(model, "rb") as f:
+        head = f.read(256)
+    first_line = head.split(b"\n", 1)[0].split()
+    if len(first_line) == 2 and first_line[1].isdigit():  # tiktoken ranks: "base64 rank" lines
+        return "glm4"
+    # ChatGLM2 and ChatGLM3 share config and SentencePiece model; ChatGLM3's tokenizer files
+    # carry its role tokens.
+    for name in ("tokenizer_config.json", "tokenization_chatglm.py"):
+        p = d / name
+        if p.is_file() and "<|observation|>" in p.read_text(errors="replace"):
+            return "chatglm3"
+    return "chatglm2"

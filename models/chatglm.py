@@ -74,6 +74,9 @@ def config_from_dict(raw: dict) -> GLMConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=eos_list(raw.get("eos_token_id", 2)),
         pad_token_id=int(pad if pad is not None else 0),
+        # ChatGLM2/3: specials after the 64789 SentencePiece pieces; GLM-4: after 151329 ranks.
+        gmask_token_id=151331 if raw["padded_vocab_size"] == 151552 else 64790,
+        sop_token_id=151333 if raw["padded_vocab_size"] == 151552 else 64792,
         torch_dtype=str(raw.get("torch_dtype", "float16")),
         source_model_type="chatglm",
     )

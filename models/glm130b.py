@@ -77,7 +77,9 @@ def config_from_dict(raw: dict) -> GLMConfig:
 
 
 def weight_map(cfg: GLMConfig) -> WeightMap:
-    m = WeightMap()
+    # The release carries each layer's rotary inv_freq buffer (GLM-130B's tools/convert_tp.py copies
+    # it to every rank); glmrt computes the tables itself.
+    m = WeightMap(ignore=(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",))
     m.add("embed.weight", "transformer.word_embeddings.weight")
     qkv = deinterleave_qkv(cfg.num_heads, cfg.head_dim)
     for i in range(cfg.num_layers):
@@ -121,7 +123,9 @@ def parse_model_args(text: str, source: str = "script") -> dict:
         tokens = shlex.split(text, comments=True)
     except ValueError as exc:
         raise ConfigError(f"cannot parse {source}: {exc}") from exc
-    tokens = [t for tok in tokens for t in tok.split()]  # MODEL_ARGS="--a 1 --b 2" arrives as one token
+    # MODEL_ARGS="--a 1 --b 2" arrives as one token, and its first flag as "MODEL_ARGS=--a".
+    tokens = [t for tok in tokens for t in tok.split()]
+    tokens = [t.split("=", 1)[1] if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=--", t) else t for t in tokens]
     raw: dict = {"model_type": "glm-130b"}
     i = 0
     while i < len(tokens):

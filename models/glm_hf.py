@@ -63,6 +63,8 @@ def config_from_dict(raw: dict) -> GLMConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=eos_list(raw.get("eos_token_id")),
         pad_token_id=int(pad if pad is not None else 0),
+        gmask_token_id=151331 if int(raw["vocab_size"]) == 151552 else None,
+        sop_token_id=151333 if int(raw["vocab_size"]) == 151552 else None,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
         source_model_type=kind,
     )

@@ -1,8 +1,9 @@
 """Write tiny GLM checkpoints in the exact released layouts, for tests.
 
 Nothing here imports glmrt: these writers are the independent side of the parity and error tests.
-Only torch, safetensors and json are needed (transformers is used by the callers, not here), so
-tests/unit can use them without the transformers package.
+The checkpoint writers need only torch, safetensors and json, so tests/unit can use them without
+the transformers package; the tiny transformers reference models at the end of this file import
+transformers when they are built.
 
 Layouts written:
 - transformers `glm` / `glm4` names (`model.layers.N.self_attn.q_proj.weight`, ...), with a
@@ -15,6 +16,7 @@ Layouts written:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Mapping
@@ -317,3 +319,145 @@ def write_hf_checkpoint(path: str | Path, config: Mapping, sd: Mapping[str, torc
     else:
         raise ValueError(fmt)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny transformers reference models (transformers is imported only when these are used)
+
+VOCAB = 256
+PAD_ID = 1
+MAX_NEW = 32
+ROPE_RATIO = 2.5                    # THUDM: base = 10000 * rope_ratio
+ROPE_THETA = 10000.0 * ROPE_RATIO   # transformers: rope_theta
+MIN_GREEDY_MARGIN = 5e-4            # below this a greedy-parity mismatch would be a coin toss
+
+# Prompts: token ids 10..255, never the pad id. The batch has three different lengths.
+_g = torch.Generator().manual_seed(1234)
+BATCH_PROMPTS = [torch.randint(10, VOCAB, (n,), generator=_g).tolist() for n in (7, 12, 4)]
+del _g
+
+
+def tiny_hf_kwargs(**overrides) -> dict:
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
+              rope_theta=ROPE_THETA, attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=128,
+              pad_token_id=PAD_ID, eos_token_id=[2, 3], tie_word_embeddings=False, initializer_range=0.1)
+    kw.update(overrides)
+    return kw
+
+
+def build_hf_model(kind: str, seed: int = 0, **overrides):
+    """A random transformers GlmForCausalLM ("glm") or Glm4ForCausalLM ("glm4"), fp32, eval mode,
+    eager attention, with perturbed norm weights and non-zero q/k/v biases."""
+    import transformers
+    if kind == "glm":
+        config_cls, model_cls = transformers.GlmConfig, transformers.GlmForCausalLM
+    elif kind == "glm4":
+        config_cls, model_cls = transformers.Glm4Config, transformers.Glm4ForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    config = config_cls(**tiny_hf_kwargs(**overrides))
+    config._attn_implementation = "eager"
+    model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask), both LongTensor[B, T]."""
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    return ids, mask
+
+
+def generation_position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions as transformers' generate builds them for a left-padded batch."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+@torch.no_grad()
+def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference logits, float32 [B, T, V]. With a left-padded mask, positions count real tokens
+    only (what transformers' generate does), so a row's logits do not depend on its padding."""
+    if mask is None:
+        return model(input_ids=ids).logits.float()
+    return model(input_ids=ids, attention_mask=mask, position_ids=generation_position_ids(mask)).logits.float()
+
+
+@torch.no_grad()
+def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
+    kw.setdefault("max_new_tokens", MAX_NEW)
+    kw.setdefault("do_sample", False)
+    return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=PAD_ID, **kw)
+
+
+@torch.no_grad()
+def greedy_margins(model, ids: torch.Tensor, mask: torch.Tensor, eos) -> torch.Tensor:
+    """The gap between the best and second-best logit at every greedy step of `hf_generate`."""
+    out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=PAD_ID, max_new_tokens=MAX_NEW,
+                         do_sample=False, eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
+    top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+@dataclasses.dataclass
+class HFCase:
+    kind: str
+    model: object                # the transformers reference
+    path: Path                   # save_pretrained directory
+    eos_hit: int                 # a config eos id that the greedy batch generates in some rows only
+    eos_never: int               # a config eos id that greedy generation never produces
+    early_prompt: list[int]      # a prompt whose greedy continuation hits eos_hit before MAX_NEW
+    greedy_no_eos: torch.Tensor  # HF greedy continuation [B, MAX_NEW] of BATCH_PROMPTS, eos disabled
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return [self.eos_hit, self.eos_never]
+
+
+def make_case(kind: str, directory: Path, seed: int = 0) -> HFCase:
+    """Build the model, pick its eos ids from what it generates (so that some rows stop early and
+    others do not), then save_pretrained (safetensors) into `directory`."""
+    model = build_hf_model(kind, seed)
+    ids, mask = left_pad(BATCH_PROMPTS)
+    # Generate with an eos id outside the vocabulary: nothing stops.
+    model.config.eos_token_id = [VOCAB + 7]
+    model.generation_config.eos_token_id = [VOCAB + 7]
+    full = hf_generate(model, ids, mask, eos_token_id=[VOCAB + 7])[:, ids.shape[1]:]
+    assert full.shape == (len(BATCH_PROMPTS), MAX_NEW)
+    rows = [set(r.tolist()) for r in full]
+    eos_hit = None
+    for step in range(3, MAX_NEW // 2):
+        for r in range(len(rows)):
+            tok = int(full[r, step])
+            first = full[r].tolist().index(tok)
+            if first >= 3 and tok != PAD_ID and not all(tok in s for s in rows):
+                eos_hit = tok
+                early_row = r
+                break
+        if eos_hit is not None:
+            break
+    assert eos_hit is not None, "test setup: no token suitable as an early eos; change the seed"
+    used = set().union(*rows) | {PAD_ID}
+    eos_never = next(t for t in range(VOCAB - 1, 0, -1) if t not in used)
+    margins = greedy_margins(model, ids, mask, [VOCAB + 7])
+    assert margins.min() >= MIN_GREEDY_MARGIN, (
+        f"test setup: greedy top-2 margin {margins.min():.2e} is too small for a fair parity test; change the seed")
+
+    model.config.eos_token_id = [eos_hit, eos_never]
+    model.generation_config.eos_token_id = [eos_hit, eos_never]
+    model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return HFCase(kind=kind, model=model, path=Path(directory), eos_hit=eos_hit, eos_never=eos_never,
+                  early_prompt=BATCH_PROMPTS[early_row], greedy_no_eos=full)

@@ -32,8 +32,8 @@ def test_unknown_backend_is_named():
 
 
 def test_unavailable_backend_refused_with_reason():
-    with pytest.raises(BackendError, match="sunway.*not available"):
-        glmrt.load("synthetic:chatglm3-6b", backend="sunway", layers=1)
+    with pytest.raises(BackendError, match="npu.*not available"):
+        glmrt.load("synthetic:chatglm3-6b", backend="npu", layers=1)
 
 
 def test_probe_never_raises():

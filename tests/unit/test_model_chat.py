@@ -1,0 +1,86 @@
+"""The chat API end to end on tiny THUDM-format checkpoints that ship a tokenizer: the tokenizer
+family is found from the files, prompts follow the release's format, replies stream as text."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import glmrt
+from glmrt.api import synthetic_weights
+from glmrt.chat import build_prompt, stop_ids
+from glmrt.errors import InputError
+from glmrt.graph import build_graph
+from glmrt.models import chatglm, config_from_dict
+
+
+def write_thudm_checkpoint(directory, vocab: int, specials: dict, eos):
+    raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": 32,
+           "ffn_hidden_size": 48, "kv_channels": 8, "num_attention_heads": 4, "multi_query_attention": True,
+           "multi_query_group_num": 2, "padded_vocab_size": vocab, "layernorm_epsilon": 1e-5, "rmsnorm": True,
+           "add_qkv_bias": True, "seq_length": 512, "eos_token_id": eos, "pad_token_id": 0, "torch_dtype": "float32"}
+    (directory / "config.json").write_text(json.dumps(raw))
+    _, cfg = config_from_dict(raw)
+    graph = build_graph(cfg)
+    weights = synthetic_weights(graph, seed=7)
+    names = {canonical: src.names[0] for canonical, src in chatglm.weight_map(cfg).sources.items()}
+    save_file({names[k]: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def chatglm3_ckpt(sp_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("chatglm3_ckpt")
+    shutil.copy(sp_dir / "tokenizer.model", d / "tokenizer.model")
+    # ChatGLM3's tokenizer files name its role tokens; that is how it is told from ChatGLM2.
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens": ["<|observation|>"]}))
+    import sentencepiece
+    n = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).vocab_size()
+    write_thudm_checkpoint(d, vocab=n + 16, specials={}, eos=2)
+    return d
+
+
+@pytest.fixture(scope="module")
+def glm4_ckpt(tiktoken_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("glm4_ckpt")
+    shutil.copy(tiktoken_dir / "tokenizer.model", d / "tokenizer.model")
+    ranks = len((d / "tokenizer.model").read_text().splitlines())
+    write_thudm_checkpoint(d, vocab=ranks + 16, specials={}, eos=[ranks, ranks + 7, ranks + 9])
+    return d
+
+
+@pytest.mark.parametrize("fixture,family", [("chatglm3_ckpt", "chatglm3"), ("glm4_ckpt", "glm4")])
+def test_load_finds_the_tokenizer_family(fixture, family, request):
+    model = glmrt.load(request.getfixturevalue(fixture), dtype="float32", progress=False)
+    assert model.chat_family == family and model.tokenizer is not None
+
+
+@pytest.mark.parametrize("fixture", ["chatglm3_ckpt", "glm4_ckpt"])
+def test_chat_matches_generate_on_the_release_prompt(fixture, request):
+    model = glmrt.load(request.getfixturevalue(fixture), dtype="float32", progress=False)
+    messages = [{"role": "user", "content": "你好, how are you?"}]
+    reply = model.chat(messages, max_new_tokens=12)
+    assert set(reply) >= {"role", "content", "tool_calls", "malformed_tool_call", "token_ids"}
+    prompt = build_prompt(model.chat_family, model.tokenizer, messages)
+    stops = stop_ids(model.chat_family, model.tokenizer)
+    out = model.generate([prompt], 12, eos_token_id=stops)[0, len(prompt):].tolist()
+    expected = [t for t in out if t not in stops][: len(reply["token_ids"])]
+    assert reply["token_ids"] == expected
+    streamed = "".join(model.chat_stream(messages, max_new_tokens=12))
+    assert streamed == model.tokenizer.decode(reply["token_ids"])
+
+
+def test_build_inputs_places_specials_like_the_release():
+    model = glmrt.load("synthetic:chatglm3-6b", layers=1, dtype="bfloat16", progress=False)
+    assert model.build_inputs([5, 6]) == [64790, 64792, 5, 6]
+    with pytest.raises(InputError, match="no tokenizer"):
+        model.chat([{"role": "user", "content": "hi"}])
+
+
+def test_prefix_generation_appends_specials():
+    model = glmrt.load("synthetic:chatglm-6b", layers=1, dtype="float32", progress=False)
+    ids = model.build_inputs([5, 6, 7])
+    assert ids == [5, 6, 7, 130001, 130004]
+    out = model.generate(ids, 3)
+    assert out.shape == (1, 8) and torch.equal(out[0, :5], torch.tensor(ids))
