@@ -29,6 +29,11 @@ class Model:
         self.dtype = graph.dtype
         self.tokenizer = None  # set by load() when the checkpoint ships one
         self.chat_family: str | None = None  # the glmrt.chat format of that tokenizer
+        # How decode steps run: "eager" (cache slices grow each step), "static" (fixed shapes, the
+        # cache position on the device), "graph" (static, captured once as a CUDA graph), or
+        # "auto" (graph on CUDA backends that declare graph capture, else eager).
+        self.decode_mode = "auto"
+        self._decoders: dict = {}
 
     def __repr__(self) -> str:
         c = self.config
@@ -141,8 +146,9 @@ class Model:
             generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
 
         with torch.inference_mode():
-            cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, total, cfg.head_dim, self.dtype, self.device)
-            key_valid = torch.ones(B, total, dtype=torch.bool, device=self.device)
+            decoder = self._decoder(B, total)
+            cache, key_valid = decoder.cache, decoder.key_valid
+            key_valid.fill_(True)
             key_valid[:, :T] = mask.bool()
             layout = self._layout(ids, mask)
             ctx = ForwardContext(positions=layout.positions, allowed=layout.allowed(self._causal_allowed(key_valid, T, 0), key_valid),
@@ -160,10 +166,23 @@ class Model:
                 return
             with torch.inference_mode():
                 seen = torch.cat((seen, token[:, None]), dim=1)
-                pos = T + step
-                ctx = ForwardContext(positions=layout.generated_positions(step), allowed=key_valid[:, None, None, :pos + 1],
-                                     cache=cache, cache_pos=pos, last_only=True)
-                logits = execute(self.plan, ctx, token[:, None])[:, -1]
+                logits = decoder.step(token[:, None], layout.generated_positions(step), T + step)
+
+    def _decoder(self, batch: int, total: int) -> "_Decoder":
+        """The decode-step runner for this batch size and cache length. Static and graph decoders
+        (and their KV caches) are kept and reused by later calls with the same shapes."""
+        mode = self.decode_mode
+        if mode == "auto":
+            mode = "graph" if self.device.type == "cuda" and self.backend.capabilities().graph_capture else "eager"
+        if mode not in ("eager", "static", "graph"):
+            raise InputError(f"decode_mode must be auto, eager, static or graph, not {mode!r}")
+        if mode == "eager":
+            return _EagerDecoder(self, batch, total)
+        key = (mode, batch, total)
+        if key not in self._decoders:
+            self._decoders.clear()  # one cache at a time: they can be large
+            self._decoders[key] = (_GraphDecoder if mode == "graph" else _StaticDecoder)(self, batch, total)
+        return self._decoders[key]
 
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -329,3 +348,79 @@ class _PrefixLayout:
             return torch.stack((pos, block), dim=1)  # (B, 2, 1)
         plain = (absolute - self._pad)[:, None]
         return torch.where(self._use_gmask[:, None], plain, (self._mask_pos - self._pad)[:, None])
+
+
+class _Decoder:
+    """Owns the KV cache and the key-validity row of one generation shape."""
+
+    def __init__(self, model: Model, batch: int, total: int):
+        cfg = model.config
+        self.model = model
+        self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, total, cfg.head_dim, model.dtype, model.device)
+        self.key_valid = torch.ones(batch, total, dtype=torch.bool, device=model.device)
+
+    def step(self, token: torch.Tensor, positions: torch.Tensor, pos: int) -> torch.Tensor:
+        raise NotImplementedError("need step()")
+
+
+class _EagerDecoder(_Decoder):
+    def step(self, token, positions, pos):
+        ctx = ForwardContext(positions=positions, allowed=self.key_valid[:, None, None, :pos + 1], cache=self.cache,
+                             cache_pos=pos, last_only=True)
+        return execute(self.model.plan, ctx, token)[:, -1]
+
+
+class _StaticDecoder(_Decoder):
+    """Every step has the same shapes and reads its inputs from fixed buffers, so it can be
+    captured as a graph: attention covers the whole cache under a mask built on the device."""
+
+    def __init__(self, model: Model, batch: int, total: int):
+        super().__init__(model, batch, total)
+        device = model.device
+        two_d = model.config.rope_kind == "2d"
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch, 2, 1) if two_d else (batch, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.key_index = torch.arange(total, device=device)
+
+    def run(self) -> torch.Tensor:
+        allowed = (self.key_valid & (self.key_index <= self.pos))[:, None, None, :]  # (B, 1, 1, max_len)
+        ctx = ForwardContext(positions=self.positions, allowed=allowed, cache=self.cache, cache_pos_t=self.pos,
+                             last_only=True)
+        return execute(self.model.plan, ctx, self.token)[:, -1]
+
+    def load(self, token, positions, pos) -> None:
+        self.token.copy_(token)
+        self.positions.copy_(positions)
+        self.pos.fill_(pos)
+
+    def step(self, token, positions, pos):
+        self.load(token, positions, pos)
+        return self.run()
+
+
+class _GraphDecoder(_StaticDecoder):
+    """The static step captured once as a CUDA graph and replayed for every token."""
+
+    def __init__(self, model: Model, batch: int, total: int):
+        super().__init__(model, batch, total)
+        self.graph = None
+        self.logits = None
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocator, lazy kernels) outside the graph
+            for _ in range(2):
+                self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.run()
+
+    def step(self, token, positions, pos):
+        self.load(token, positions, pos)
+        if self.graph is None:
+            self._capture()  # the warm-up wrote at `pos`; the replay below rewrites it
+        self.graph.replay()
+        return self.logits

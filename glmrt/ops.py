@@ -54,6 +54,9 @@ class ForwardContext:
     cache_pos: int = 0
     last_only: bool = False
     memo: dict = field(default_factory=dict)  # per-step tables shared by all layers (RoPE cos/sin)
+    # Static-shape decode (CUDA/NPU graph capture): the cache position as a device tensor; one new
+    # token is written at it and attention reads the whole cache under `allowed` (B, 1, 1, max_len).
+    cache_pos_t: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- embedding / head
@@ -204,7 +207,13 @@ def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dic
     nkv = a["num_kv_heads"]
     k = k.transpose(1, 2)  # (B, nkv, T, hd)
     v = v.transpose(1, 2)
-    if ctx.cache is not None:
+    if ctx.cache is not None and ctx.cache_pos_t is not None:
+        layer = a["layer_index"]
+        index = ctx.cache_pos_t.view(1)
+        ctx.cache.k[layer].index_copy_(2, index, k)
+        ctx.cache.v[layer].index_copy_(2, index, v)
+        k, v = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd), masked by `allowed`
+    elif ctx.cache is not None:
         layer, pos = a["layer_index"], ctx.cache_pos
         ctx.cache.k[layer][:, :, pos:pos + T] = k
         ctx.cache.v[layer][:, :, pos:pos + T] = v

@@ -13,20 +13,27 @@ from glmrt.api import synthetic_weights
 from glmrt.chat import build_prompt, stop_ids
 from glmrt.errors import InputError
 from glmrt.graph import build_graph
-from glmrt.models import chatglm, config_from_dict
+from glmrt.models import config_from_dict
+
+
+def write_random_checkpoint(directory, raw: dict):
+    """config.json + random weights under the release's tensor names (single-source name maps)."""
+    (directory / "config.json").write_text(json.dumps(raw))
+    generation, cfg = config_from_dict(raw)
+    weights = synthetic_weights(build_graph(cfg), seed=7)
+    tensors = {}
+    for canonical, src in generation.weight_map(cfg).sources.items():
+        parts = weights[canonical].split(list(src.part_rows)) if src.part_rows else [weights[canonical]]
+        tensors.update({name: part.contiguous() for name, part in zip(src.names, parts)})
+    save_file(tensors, str(directory / "model.safetensors"))
 
 
 def write_thudm_checkpoint(directory, vocab: int, specials: dict, eos):
-    raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": 32,
-           "ffn_hidden_size": 48, "kv_channels": 8, "num_attention_heads": 4, "multi_query_attention": True,
-           "multi_query_group_num": 2, "padded_vocab_size": vocab, "layernorm_epsilon": 1e-5, "rmsnorm": True,
-           "add_qkv_bias": True, "seq_length": 512, "eos_token_id": eos, "pad_token_id": 0, "torch_dtype": "float32"}
-    (directory / "config.json").write_text(json.dumps(raw))
-    _, cfg = config_from_dict(raw)
-    graph = build_graph(cfg)
-    weights = synthetic_weights(graph, seed=7)
-    names = {canonical: src.names[0] for canonical, src in chatglm.weight_map(cfg).sources.items()}
-    save_file({names[k]: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    write_random_checkpoint(directory, {
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": 32,
+        "ffn_hidden_size": 48, "kv_channels": 8, "num_attention_heads": 4, "multi_query_attention": True,
+        "multi_query_group_num": 2, "padded_vocab_size": vocab, "layernorm_epsilon": 1e-5, "rmsnorm": True,
+        "add_qkv_bias": True, "seq_length": 512, "eos_token_id": eos, "pad_token_id": 0, "torch_dtype": "float32"})
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,31 @@ def test_prefix_generation_appends_specials():
     assert ids == [5, 6, 7, 130001, 130004]
     out = model.generate(ids, 3)
     assert out.shape == (1, 8) and torch.equal(out[0, :5], torch.tensor(ids))
+
+
+TINY_CHATGLM6B = {"model_type": "chatglm", "vocab_size": 300, "hidden_size": 64, "num_layers": 2,
+                  "num_attention_heads": 4, "inner_hidden_size": 128, "position_encoding_2d": True,
+                  "max_sequence_length": 256, "bos_token_id": 294, "eos_token_id": 295, "mask_token_id": 290,
+                  "gmask_token_id": 291, "pad_token_id": 3, "torch_dtype": "float32"}
+TINY_GLM4 = {"model_type": "glm4", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+             "max_position_embeddings": 256, "eos_token_id": [299], "pad_token_id": 0, "torch_dtype": "float32"}
+
+
+@pytest.mark.parametrize("raw", [TINY_GLM4, TINY_CHATGLM6B], ids=["glm4", "chatglm-6b"])
+def test_static_decode_equals_eager_decode(raw, tmp_path):
+    """The fixed-shape decode step (what CUDA graphs capture) gives the eager step's tokens."""
+    write_random_checkpoint(tmp_path, raw)
+    model = glmrt.load(tmp_path, progress=False)
+    if raw is TINY_GLM4:
+        model.config = model.config.replace(gmask_token_id=1, sop_token_id=2)  # only for build_inputs below
+    base = [5, 6, 7, 8, 9]
+    ids = torch.tensor([model.build_inputs(base), model.build_inputs([11] + base[1:])])
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    model.decode_mode = "eager"
+    eager = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    model.decode_mode = "static"
+    static = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    again = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # reuses the kept cache
+    assert torch.equal(eager, static) and torch.equal(static, again)
