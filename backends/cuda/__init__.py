@@ -31,8 +31,8 @@ class CUDABackend(Backend):
                                           "a GPU by this project's CI")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), collective_backend="nccl",
-                            memory_query=True)
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), graph_capture=True,
+                            collective_backend="nccl", memory_query=True)
 
     def kernels(self):
         return [Kernel(op, f"torch-cuda.{op}", VENDOR, fn) for op, fn in ops.REFERENCE.items()]
