@@ -20,6 +20,14 @@ fi
 if [ "${GLMRT_SETUP_TEST_DEPS:-1}" = "1" ]; then
   "$VPY" -m pip install -q "pytest>=7" "transformers>=4.46" sentencepiece tiktoken tokenizers protobuf numpy safetensors matplotlib jsonschema jinja2
 fi
+# HIP compiler for the compile check of glmrt._native_hip (Debian's hipcc, clang 15). Optional: without
+# it the HIP target is skipped with one line. Installed only where apt can run as root.
+if [ "${GLMRT_SETUP_HIPCC:-1}" = "1" ] && ! command -v hipcc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = "0" ]; then
+  echo "glmrt setup: installing hipcc (Debian package) for the HIP build" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hipcc >/dev/null; } \
+    || echo "glmrt setup: could not install hipcc; the HIP target will be skipped" >&2
+fi
 echo "glmrt setup: building and installing glmrt" >&2
 "$VPY" -m pip install -q --no-build-isolation .
 # Check from outside the checkout so the installed package (not the source tree) is imported.

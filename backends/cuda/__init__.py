@@ -1,5 +1,6 @@
-"""NVIDIA CUDA through torch.cuda. No native CUDA kernels yet: every op runs torch's CUDA ops
-(cuBLAS / cuDNN through ATen)."""
+"""NVIDIA CUDA through torch.cuda: glmrt's native CUDA kernels (glmrt._native_cuda, built from
+native/gpu when nvcc is found: RMSNorm and the W8A16 / W4A16 decode GEMV, see kernels.py), and
+torch's CUDA ops (cuBLAS / cuDNN through ATen) for everything else."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from ..base import VENDOR, Backend, Capabilities, Kernel, ProbeResult, Verification
 from ... import ops
+from .kernels import NATIVE_CUDA
 
 
 class CUDABackend(Backend):
@@ -27,15 +29,21 @@ class CUDABackend(Backend):
             return ProbeResult(False, f"CUDA initialisation failed: {exc}")
 
     def verification(self) -> Verification:
-        return Verification("unverified", "no CUDA kernels of glmrt's own yet; the torch-op path has not been run on "
-                                          "a GPU by this project's CI")
+        return Verification("compile-verified", "glmrt._native_cuda builds with nvcc 13 for sm_80/86/89/90 (a "
+                                                "build with GLMRT_REQUIRE_CUDA_BUILD=1 checks it); on a GPU machine "
+                                                "tests/ops/test_native_gpu.py checks its kernels against the torch "
+                                                "reference")
 
     def capabilities(self) -> Capabilities:
         return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), graph_capture=True,
                             collective_backend="nccl", memory_query=True)
 
+    def native_info(self) -> dict:
+        return NATIVE_CUDA.info()
+
     def kernels(self):
-        return [Kernel(op, f"torch-cuda.{op}", VENDOR, fn) for op, fn in ops.REFERENCE.items()]
+        vendor = [Kernel(op, f"torch-cuda.{op}", VENDOR, fn) for op, fn in ops.REFERENCE.items()]
+        return NATIVE_CUDA.kernels() + vendor
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
