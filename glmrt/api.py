@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,13 +12,15 @@ from . import checkpoint
 from .backends import list_backends as _list_backends
 from .backends import require_available
 from .config import GLMConfig, dtype_name, parse_dtype
-from .errors import ConfigError, UnsupportedModelError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .graph import Graph, build_graph
 from .lowering import lower
 from .model import Model
 from .models import config_from_dict, glm130b, preset, tokenizer_family
+from .models.common import WeightMap
 from .progress import Progress
-from .quant import parse_format, quantize_graph, quantize_weights
+from .quant import (FORMAT_KEY, QuantSpec, layout_from_entry, parse_format, quantizable_linears, quantize_graph,
+                    quantize_graph_layout, quantize_weights)
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 1234
@@ -57,27 +60,65 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -
     return out
 
 
+@dataclasses.dataclass
+class Prepared:
+    """Everything glmrt.load builds before lowering: the source's raw config (its own format), the
+    typed config, the (possibly quantized) graph and its weights on the CPU."""
+
+    source: str
+    raw: dict
+    cfg: GLMConfig
+    graph: Graph
+    weights: dict[str, torch.Tensor]
+    directory: Path | None  # None for a synthetic preset
+    generation: object
+
+
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
          quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
          progress: bool = True) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, or "synthetic:<preset>" (real widths,
-        random weights with a fixed seed; see glmrt.models.PRESETS).
+        random weights with a fixed seed; see glmrt.models.PRESETS). Quantized checkpoints load as
+        they are: `glmrt quantize` output, the released ChatGLM int4/int8 checkpoints
+        (`quantization_bit` in config.json) and GLM-130B rank files quantized by its scripts.
     backend: "auto" (first available of cuda, rocm, npu, cpu), a backend name or alias.
     dtype: torch dtype or "float32" / "bfloat16" / "float16"; None keeps the checkpoint's.
     layers: keep only the first N layers (for synthetic presets, benchmarks and demos).
     quantize: "int8" or "int4" weight-only quantization on load, per output channel, or group-wise
-        with "-g32" / "-g64" / "-g128" (e.g. "int4-g64").
+        with "-g32" / "-g64" / "-g128" (e.g. "int4-g64"). For an already quantized checkpoint it may
+        only name the checkpoint's own format (or be None).
     token_ids: GLM-130B only: special-token ids for checkpoints trained with another tokenizer than
         icetk, e.g. {"gmask": ..., "sop": ..., "eop": ..., "eos": ..., "mask": ...}.
     strict: fail if any node would fall back to the torch reference instead of a backend kernel.
     """
+    be = require_available(backend)
+    prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
+                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
+    device = be.device()
+    weights = {name: t.to(device) for name, t in prep.weights.items()}
+    plan = lower(prep.graph, be, weights, strict=strict)
+    model = Model(prep.cfg, prep.graph, plan, weights, prep.source)
+    if prep.directory is not None:
+        family = tokenizer_family(prep.cfg, prep.directory)
+        if family is not None:
+            from .tokenizer import load_tokenizer
+            model.tokenizer = load_tokenizer(prep.directory, family)
+            model.chat_family = family
+    return model
+
+
+def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str = "cpu", dtype=None,
+            layers: int | None = None, quantize: str | None = None, token_ids: dict | None = None,
+            progress: bool = True) -> Prepared:
+    """Read config and weights and apply the quantization pass, without lowering (glmrt.load and
+    `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any)."""
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
-    be = require_available(backend)
     spec = str(path_or_preset)
     files = None
+    directory = None
     if spec.startswith(SYNTHETIC_PREFIX):
         raw = preset(spec[len(SYNTHETIC_PREFIX):])
         source = spec
@@ -103,42 +144,109 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
         if unknown:
             raise ConfigError(f"unknown token_ids keys {sorted(unknown)}: use {sorted(glm130b.ICETK_TOKEN_IDS)}")
         raw = dict(raw, token_ids=dict(token_ids))
-    generation, cfg = config_from_dict(raw)
+    glmrt_format = raw.get(FORMAT_KEY)
+    generation, cfg = config_from_dict({k: v for k, v in raw.items() if k != FORMAT_KEY})
     cfg = _cut_layers(cfg, layers)
-    dtype_ = want_dtype or cfg.dtype
-    if dtype_ not in be.capabilities().dtypes:
-        raise ConfigError(f"backend {be.name!r} does not run {dtype_name(dtype_)}; it supports "
-                          f"{', '.join(dtype_name(d) for d in be.capabilities().dtypes)}")
+    stored_layout, stored_dtype = (None, None)
+    if glmrt_format is not None:
+        stored_layout, stored_dtype = layout_from_entry(glmrt_format, f"{directory / 'config.json'}")
+    dtype_ = want_dtype or (parse_dtype(stored_dtype) if stored_dtype else None) or cfg.dtype
+    if dtypes is not None and dtype_ not in dtypes:
+        raise ConfigError(f"backend {backend_name!r} does not run {dtype_name(dtype_)}; it supports "
+                          f"{', '.join(dtype_name(d) for d in dtypes)}")
     graph = build_graph(cfg, dtype_)
+    if directory is not None and files is None:
+        files = checkpoint.WeightFiles(directory)
+
+    # ---- which layout the weights are stored in: float, or quantized (and how)
+    layout = None  # node name -> QuantSpec of a checkpoint that is already quantized
+    if glmrt_format is not None:
+        _check_shard_versions(files, glmrt_format)
+        layout = {name: q for name, q in stored_layout.items() if not _beyond(name, layers)}
+    elif files is not None:
+        declared = getattr(generation, "checkpoint_quantization", lambda raw: None)(raw)
+        has_scales = any(n.endswith(".weight_scale") for n in files.names())
+        if has_scales and declared is None:
+            raise CheckpointError(f"{directory} holds quantized weights (*.weight_scale tensors) but its config does "
+                                  "not say their bit width (quantization_bit in config.json; "
+                                  "--quantization-bit-width for GLM-130B): use the config shipped with the weights")
+        if declared is not None and has_scales:
+            layout = _release_layout(generation, graph, files, declared, directory)
+        elif declared is not None and quant_format is None:
+            quant_format = (declared, 0)  # a quantized config over FP16 weights: quantize on load, as the original
+    if layout is not None and quant_format is not None:
+        kinds = {(q.bits, q.group_size) for q in layout.values()}
+        if kinds != {quant_format}:
+            have = ", ".join(sorted({f"INT{b}" + (f" groups of {g}" if g else "") for b, g in kinds}))
+            raise ConfigError(f"{source} is already quantized ({have}); quantize={quantize!r} would quantize it "
+                              "again: load it with quantize=None, or quantize the FP16 checkpoint instead")
 
     bar = Progress(f"loading {source}", len(graph.params), enabled=progress)
     try:
-        if not spec.startswith(SYNTHETIC_PREFIX):
-            if files is None:
-                files = checkpoint.WeightFiles(directory)
-            expected = {name: (p.shape, p.dtype) for name, p in graph.params.items()}
-            wmap = generation.weight_map(cfg)
-            if layers is not None:  # a depth-cut load drops the checkpoint's deeper layers on purpose
-                wmap.ignore = wmap.ignore + tuple(
-                    rf".*layers\.{i}\..*" for i in range(layers, int(raw.get("num_layers") or
-                                                                      raw.get("num_hidden_layers") or layers)))
-            weights = checkpoint.load_weights(files, wmap, expected, progress=bar)
+        if layout is not None:
+            float_graph = graph
+            graph = quantize_graph_layout(graph, layout)
+            if glmrt_format is not None:
+                wmap = WeightMap()
+                for name in graph.params:
+                    wmap.add(name, name)
+            else:
+                wmap = generation.weight_map(cfg)
+                weight_of = {node.name: node.params["weight"] for node in float_graph.nodes if node.name in layout}
+                wmap.add_quant_scales(weight_of[n] for n in layout)
+            weights = _load(files, wmap, graph, raw, layers, bar)
+        elif files is not None:
+            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar)
         else:
             weights = synthetic_weights(graph, progress=bar)
     finally:
         bar.close()
-    if quant_format is not None:
+    if quant_format is not None and layout is None:
         quantized = quantize_graph(graph, *quant_format)
         weights = quantize_weights(graph, quantized, weights)
         graph = quantized
-    device = be.device()
-    weights = {name: t.to(device) for name, t in weights.items()}
-    plan = lower(graph, be, weights, strict=strict)
-    model = Model(cfg, graph, plan, weights, source)
-    if not spec.startswith(SYNTHETIC_PREFIX):
-        family = tokenizer_family(cfg, directory)
-        if family is not None:
-            from .tokenizer import load_tokenizer
-            model.tokenizer = load_tokenizer(directory, family)
-            model.chat_family = family
-    return model
+    return Prepared(source, raw, cfg, graph, weights, directory, generation)
+
+
+def _beyond(node_name: str, layers: int | None) -> bool:
+    """Whether a per-layer node name lies past a depth cut."""
+    if layers is None or not node_name.startswith("layers."):
+        return False
+    return int(node_name.split(".")[1]) >= layers
+
+
+def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar) -> dict[str, torch.Tensor]:
+    expected = {name: (p.shape, p.dtype) for name, p in graph.params.items()}
+    if layers is not None:  # a depth-cut load drops the checkpoint's deeper layers on purpose
+        wmap.ignore = wmap.ignore + tuple(
+            rf".*layers\.{i}\..*" for i in range(layers, int(raw.get("num_layers") or
+                                                              raw.get("num_hidden_layers") or layers)))
+    return checkpoint.load_weights(files, wmap, expected, progress=bar)
+
+
+def _release_layout(generation, graph: Graph, files, bits: int, directory) -> dict[str, QuantSpec]:
+    """The per-node layout of a released quantized checkpoint: per output row, scales kept in the
+    dtype they are stored in (fp16 in the releases), except GLM-130B's row-parallel layers merged from
+    several ranks (one scale per row and rank, see models.glm130b.shard_scale_group)."""
+    scale_dtypes = {files.dtype(n) for n in files.names() if n.endswith(".weight_scale")}
+    floats = {torch.float16, torch.bfloat16, torch.float32}
+    if len(scale_dtypes) != 1 or not scale_dtypes <= floats:
+        raise CheckpointError(f"{directory}: the *.weight_scale tensors are {sorted(map(str, scale_dtypes))}; a "
+                              "quantized checkpoint stores them all in one float dtype (fp16 in the releases)")
+    scale_dtype = scale_dtypes.pop()
+    if generation is glm130b:
+        files.quant_bits = bits
+        return glm130b.quant_layout(graph, bits, files.ranks, scale_dtype)
+    return {name: QuantSpec(bits, 0, scale_dtype) for name in quantizable_linears(graph)}
+
+
+def _check_shard_versions(files, entry: dict) -> None:
+    """Every safetensors shard of a glmrt-quantized checkpoint names the same format version as
+    config.json (so shards of two versions are never mixed)."""
+    for path, meta in files.metadata().items():
+        version = meta.get("glmrt_format_version")
+        if version != str(entry.get("version")) or meta.get("glmrt_format") != entry.get("format"):
+            raise CheckpointError(f"{path.name} is not a shard of this {entry.get('format')} version "
+                                  f"{entry.get('version')} checkpoint (its header says format "
+                                  f"{meta.get('glmrt_format')!r}, version {version!r}): the directory mixes files "
+                                  "of different checkpoints; write it again with `glmrt quantize`")

@@ -35,6 +35,11 @@ def read_config(directory: Path) -> dict:
     return raw
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot read {path.name} in {path.parent}: {type(exc).__name__}: {exc}. The file is "
                            "truncated or corrupt: download or copy it again")
@@ -47,6 +52,8 @@ class WeightFiles:
         self.directory = directory
         self.name_to_file: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._metadata: dict[Path, dict] = {}
         self._open: dict[Path, object] = {}
         self._bin: dict[Path, dict] = {}
         self._discover()
@@ -89,6 +96,8 @@ class WeightFiles:
                 handle = safe_open(str(path), framework="pt")
                 names = list(handle.keys())
                 shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
+                dtypes = {n: _SAFETENSORS_DTYPES.get(handle.get_slice(n).get_dtype()) for n in names}
+                self._metadata[path] = dict(handle.metadata() or {})
             except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
                 raise _corrupt(path, exc) from exc
             self._open[path] = handle
@@ -104,6 +113,7 @@ class WeightFiles:
             self._bin[path] = state
             names = list(state)
             shapes = {n: tuple(t.shape) for n, t in state.items()}
+            dtypes = {n: t.dtype for n, t in state.items()}
         if expected is not None:
             absent = sorted(set(expected) - set(names))
             if absent:
@@ -112,6 +122,7 @@ class WeightFiles:
         for n in names:
             self.name_to_file.setdefault(n, path)
         self._shapes.update(shapes)
+        self._dtypes.update(dtypes)
 
     # -------------------------------------------------------------- access
     def names(self) -> set[str]:
@@ -119,6 +130,14 @@ class WeightFiles:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype (None for a safetensors dtype torch has no name for here)."""
+        return self._dtypes[name]
+
+    def metadata(self) -> dict[Path, dict]:
+        """Each safetensors file's `__metadata__` (string -> string)."""
+        return dict(self._metadata)
 
     def get(self, name: str) -> torch.Tensor:
         path = self.name_to_file[name]
@@ -205,3 +224,36 @@ def _combined_shape(shapes: list[tuple[int, ...]], source) -> tuple[int, ...]:
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir()
+
+
+def write_safetensors_shards(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                             max_shard_bytes: int) -> list[Path]:
+    """Write `tensors` as model.safetensors, or as model-0000X-of-0000N.safetensors plus
+    model.safetensors.index.json when they exceed max_shard_bytes (a tensor is never split). Every
+    file carries `metadata` in its safetensors header."""
+    from safetensors.torch import save_file
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    written = []
+    if len(shards) == 1:
+        path = directory / SAFETENSORS_SINGLE
+        save_file({n: tensors[n].contiguous() for n in shards[0]}, str(path), metadata=metadata)
+        return [path]
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in names}, str(directory / fname), metadata=metadata)
+        weight_map.update({n: fname for n in names})
+        written.append(directory / fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / SAFETENSORS_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2) + "\n",
+        encoding="utf-8")
+    return written

@@ -29,7 +29,7 @@ _GENERATION_FLAGS = {
 
 
 # Modules that add their own subcommands (see _parser).
-_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench",)
+_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.quantize_cmd")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:

@@ -111,23 +111,66 @@ def _is_quantized_linear(node: Node) -> bool:
     return node.op == "linear" and any(node.name.endswith(s) for s in QUANT_LINEARS)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one linear's weight is stored: bits, group size (0: one scale per output row) and the
+    scales' dtype (None: the graph's dtype)."""
+
+    bits: int
+    group_size: int = 0
+    scale_dtype: torch.dtype | None = None
+
+
+def quantizable_linears(graph: Graph) -> list[str]:
+    """Names of the linear nodes the releases quantize (qkv, attention output, both MLP projections)."""
+    return [n.name for n in graph.nodes if _is_quantized_linear(n)]
+
+
 def quantize_graph(graph: Graph, bits: int, group_size: int = 0) -> Graph:
     """The quantization pass over the graph (parameter specs only; see quantize_weights)."""
+    spec = QuantSpec(bits, group_size)
+    return quantize_graph_layout(graph, {name: spec for name in quantizable_linears(graph)})
+
+
+def quantize_graph_layout(graph: Graph, layout: dict[str, QuantSpec]) -> Graph:
+    """The quantization pass with a per-node layout (node name -> QuantSpec), as a quantized
+    checkpoint describes it (e.g. GLM-130B's row-parallel layers carry one scale per shard)."""
+    known = set(quantizable_linears(graph))
+    unknown = sorted(set(layout) - known)
+    if unknown:
+        raise ConfigError(f"cannot quantize {', '.join(unknown[:5])}: not a quantizable linear of this model "
+                          f"(those are the {', '.join(QUANT_LINEARS)} linears of each layer)")
     params = dict(graph.params)
     nodes = []
     for node in graph.nodes:
-        if not _is_quantized_linear(node) or "quant" in node.attrs:
+        spec = layout.get(node.name)
+        if spec is None or "quant" in node.attrs:
             nodes.append(node)
             continue
+        if spec.bits not in FORMATS.values():
+            raise ConfigError(f"{node.name}: {spec.bits}-bit weights are not supported (8 or 4)")
+        if spec.group_size < 0:
+            raise ConfigError(f"{node.name}: group size {spec.group_size} must be 0 or positive")
         wname = node.params["weight"]
         n, k = params[wname].shape
-        qshape = (n, k) if bits == 8 else (n, -(-k // 2))
+        qshape = (n, k) if spec.bits == 8 else (n, -(-k // 2))
         params[wname] = ParamSpec(qshape, torch.int8, "qweight")
         sname = wname.removesuffix(".weight") + ".weight_scale"
-        params[sname] = ParamSpec((n,) if group_size == 0 else (n, num_groups(k, group_size)), graph.dtype, "scale")
-        attrs = dict(node.attrs, quant={"bits": bits, "group_size": group_size, "in_features": k})
+        sshape = (n,) if spec.group_size == 0 else (n, num_groups(k, spec.group_size))
+        params[sname] = ParamSpec(sshape, spec.scale_dtype or graph.dtype, "scale")
+        attrs = dict(node.attrs, quant={"bits": spec.bits, "group_size": spec.group_size, "in_features": k})
         nodes.append(dataclasses.replace(node, attrs=attrs, params=dict(node.params, scale=sname)))
     return graph.replace_nodes(nodes, params)
+
+
+def graph_layout(graph: Graph) -> dict[str, QuantSpec]:
+    """The per-node layout of an already quantized graph (the inverse of quantize_graph_layout)."""
+    out = {}
+    for node in graph.nodes:
+        q = node.attrs.get("quant")
+        if q is not None:
+            out[node.name] = QuantSpec(q["bits"], q["group_size"], graph.params[node.params["scale"]].dtype)
+    return out
 
 
 def quantize_weights(graph: Graph, quantized: Graph, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,7 +181,76 @@ def quantize_weights(graph: Graph, quantized: Graph, weights: dict[str, torch.Te
         if q is None or "quant" in old.attrs:
             continue
         wname = new.params["weight"]
-        qweight, scale = quantize_weight(weights[wname], q["bits"], q["group_size"], quantized.dtype)
+        sname = new.params["scale"]
+        qweight, scale = quantize_weight(weights[wname], q["bits"], q["group_size"], quantized.params[sname].dtype)
         out[wname] = qweight
-        out[new.params["scale"]] = scale
+        out[sname] = scale
     return out
+
+
+# ----------------------------------------------------------------------------- the on-disk format
+# `glmrt quantize` writes config.json (the source's own config, plus the entry below under
+# FORMAT_KEY) and safetensors shards under glmrt's canonical parameter names; every shard's
+# safetensors metadata repeats the format name and version. Readers refuse versions they do not know.
+FORMAT_KEY = "glmrt_quantization"
+FORMAT_NAME = "glmrt-weight-only"
+FORMAT_VERSION = 1
+
+
+def format_entry(graph: Graph, dtype_name: str) -> dict:
+    """The FORMAT_KEY entry of config.json for a quantized graph."""
+    layout = graph_layout(graph)
+    bits = sorted({s.bits for s in layout.values()})
+    groups = sorted({s.group_size for s in layout.values()})
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "bits": bits[0] if len(bits) == 1 else bits,
+        "group_size": groups[0] if len(groups) == 1 else groups,
+        "dtype": dtype_name,
+        "scheme": "symmetric; scale = max|W| / (2^(bits-1) - 1) per output row (group_size 0) or per group of "
+                  "group_size input columns; INT4 packed two per int8 byte, even index in the high nibble",
+        "modules": {name: {"bits": s.bits, "group_size": s.group_size,
+                           "scale_dtype": str(s.scale_dtype or graph.dtype).removeprefix("torch.")}
+                    for name, s in layout.items()},
+    }
+
+
+def layout_from_entry(entry, where: str) -> tuple[dict[str, QuantSpec], str | None]:
+    """Validate a FORMAT_KEY entry -> (node name -> QuantSpec, stored dtype name)."""
+    from .errors import CheckpointError
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: '{FORMAT_KEY}' must be an object; the config.json is damaged: write the "
+                              "checkpoint again with `glmrt quantize`")
+    name, version = entry.get("format"), entry.get("version")
+    if name != FORMAT_NAME:
+        raise CheckpointError(f"{where}: '{FORMAT_KEY}.format' is {name!r}, not {FORMAT_NAME!r}: this is not a "
+                              "checkpoint written by `glmrt quantize`")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{where}: '{FORMAT_KEY}.version' must be an integer, found {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where} is in {FORMAT_NAME} format version {version}, written by a newer glmrt; this "
+                              f"glmrt reads version {FORMAT_VERSION} and older: upgrade glmrt, or quantize the "
+                              "original checkpoint again with this version's `glmrt quantize`")
+    if version < 1:
+        raise CheckpointError(f"{where}: {FORMAT_NAME} format version {version} does not exist (versions start at 1)")
+    modules = entry.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{where}: '{FORMAT_KEY}.modules' must list the quantized linears; the config.json is "
+                              "damaged: write the checkpoint again with `glmrt quantize`")
+    layout = {}
+    for module, spec in modules.items():
+        try:
+            bits, group = int(spec["bits"]), int(spec["group_size"])
+            scale_dtype = getattr(torch, str(spec["scale_dtype"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: bad entry for {module} in '{FORMAT_KEY}.modules' ({exc!r}); it needs "
+                                  "bits, group_size and scale_dtype") from None
+        if bits not in FORMATS.values() or group < 0 or scale_dtype not in (torch.float16, torch.bfloat16,
+                                                                           torch.float32):
+            raise CheckpointError(f"{where}: {module} has bits={bits}, group_size={group}, scale_dtype="
+                                  f"{spec['scale_dtype']}: glmrt reads 8 or 4 bits, group_size >= 0 and float16 / "
+                                  "bfloat16 / float32 scales")
+        layout[module] = QuantSpec(bits, group, scale_dtype)
+    dtype = entry.get("dtype")
+    return layout, dtype if isinstance(dtype, str) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..config import GLMConfig
 from ..errors import ConfigError
-from .common import WeightMap, concat_rows, eos_list, require
+from .common import WeightMap, concat_rows, eos_list, quantization_bit, require
 
 MODEL_TYPES = ("chatglm",)
 NAME = "chatglm2"  # family name of this code path (ChatGLM2/3 and GLM-4-9B share it)
@@ -30,6 +30,13 @@ def generation_name(raw: dict) -> str:
     if vocab == 151552:
         return "glm-4-9b"
     return "chatglm2"  # ChatGLM2-6B and ChatGLM3-6B configs are the same; the tokenizer tells them apart
+
+
+def checkpoint_quantization(raw: dict) -> int | None:
+    """chatglm2-6b-int4 / chatglm3-6b-int4 style: `quantization_bit` in config.json, and each
+    quantized linear stored as `<name>.weight` int8 (INT4: two per byte, even index in the high
+    nibble) plus `<name>.weight_scale` (one per output row, in the weight dtype)."""
+    return quantization_bit(raw, "quantization_bit", "THUDM ChatGLM2/3 / GLM-4")
 
 
 def config_from_dict(raw: dict) -> GLMConfig:

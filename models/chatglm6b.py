@@ -14,7 +14,8 @@ import math
 import torch
 
 from ..config import GLMConfig
-from .common import WeightMap, eos_list, require
+from ..errors import ConfigError
+from .common import WeightMap, eos_list, quantization_bit, require
 
 MODEL_TYPES = ("chatglm",)
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
@@ -23,6 +24,17 @@ RESIDUAL_ALPHA = math.sqrt(2 * 28)
 def matches(raw: dict) -> bool:
     from .chatglm import is_first_generation
     return raw.get("model_type") == "chatglm" and is_first_generation(raw)
+
+
+def checkpoint_quantization(raw: dict) -> int | None:
+    """chatglm-6b-int4 / -int8 style: `quantization_bit` in config.json, `<name>.weight` int8 (INT4
+    packed, even index in the high nibble) plus `<name>.weight_scale` in fp16, one per output row.
+    The `-qe` variants also quantize the embedding and LM head (`quantization_embeddings`)."""
+    if raw.get("quantization_embeddings"):
+        raise ConfigError("this ChatGLM-6B checkpoint has quantized embeddings (quantization_embeddings: true, the "
+                          "chatglm-6b-int4-qe layout): glmrt loads quantized linears only; use chatglm-6b-int4 or the "
+                          "FP16 chatglm-6b with quantize='int4'")
+    return quantization_bit(raw, "quantization_bit", "ChatGLM-6B")
 
 
 def config_from_dict(raw: dict) -> GLMConfig:

@@ -50,6 +50,29 @@ class WeightMap:
     def is_ignored(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.ignore)
 
+    def add_quant_scales(self, canonical_weights: Iterable[str]) -> None:
+        """Map the scales of weight-only quantized linears: the releases store them next to each
+        weight as `<key>_scale` (ChatGLM's `<name>.weight_scale` and GLM-130B's `<key>_scale` are the
+        same rule), combined exactly as the weight rows are (per-head de-interleaving, row
+        concatenation), since a scale belongs to its weight row."""
+        for canonical in canonical_weights:
+            src = self.sources[canonical]
+            self.sources[canonical.removesuffix(".weight") + ".weight_scale"] = Source(
+                tuple(n + "_scale" for n in src.names), src.combine,
+                src.part_rows)
+
+
+def quantization_bit(raw: dict, key: str, what: str) -> int | None:
+    """The bit width a release's config declares for its weight-only quantized linears (None: not
+    quantized)."""
+    bits = raw.get(key)
+    if bits in (None, 0, False):
+        return None
+    if bits not in (4, 8):
+        raise ConfigError(f"{what} config declares {key}={bits!r}: the releases use 4 or 8 (0 for none); "
+                          "use the config.json shipped with the checkpoint")
+    return int(bits)
+
 
 def require(raw: dict, keys: Iterable[str], what: str) -> None:
     missing = [k for k in keys if k not in raw]

@@ -23,7 +23,7 @@ import torch
 from ..config import GLMConfig
 from ..errors import CheckpointError, ConfigError
 from .chatglm6b import deinterleave_qkv
-from .common import WeightMap, require
+from .common import WeightMap, quantization_bit, require
 
 MODEL_TYPES = ("glm-130b",)
 
@@ -160,11 +160,40 @@ def read_model_args(directory: Path) -> dict:
     if len(scripts) > 1:
         raise CheckpointError(f"{directory} holds several model-arguments scripts ({', '.join(p.name for p in scripts)}): "
                               "keep the one that matches the checkpoint")
-    raw = parse_model_args(scripts[0].read_text(), scripts[0].name)
-    if raw.get("quantization_bit_width"):
-        raise CheckpointError(f"{scripts[0].name} describes an INT{raw['quantization_bit_width']} GLM-130B checkpoint; "
-                              "this version of glmrt loads the FP16 release (quantize on load with quantize='int4')")
-    return raw
+    return parse_model_args(scripts[0].read_text(), scripts[0].name)
+
+
+def checkpoint_quantization(raw: dict) -> int | None:
+    """`--quantization-bit-width 4|8` in the model script (configs/model_glm_130b_int4.sh). GLM-130B
+    then either quantizes the FP16 checkpoint on load, or, with `--from-quantized-checkpoint`, loads
+    rank files that hold `<key>` int8 (INT4 packed two per byte, even index in the high nibble) plus
+    `<key>_scale` fp16 for qkv, attention.dense, dense_h_to_4h and dense_4h_to_h. Which of the two a
+    directory holds is read from its tensors (see glmrt.load)."""
+    return quantization_bit(raw, "quantization_bit_width", "GLM-130B")
+
+
+def shard_scale_group(shard_columns: int) -> int:
+    """GLM-130B quantizes each tensor-parallel rank on its own, so a row-parallel layer
+    (attention.dense, dense_4h_to_h: split along its input columns) has one scale per (row, rank):
+    merged, that is group-wise quantization with groups of K / ranks columns. glmrt stores it with
+    the largest power-of-two group dividing K / ranks (the scales repeated), which the kernels index
+    with shifts; the numbers are the same."""
+    return shard_columns & -shard_columns
+
+
+def quant_layout(graph, bits: int, ranks: int, scale_dtype):
+    """node name -> QuantSpec for a quantized SAT checkpoint merged from `ranks` rank files."""
+    from ..quant import QuantSpec, quantizable_linears
+    layout = {}
+    for name in quantizable_linears(graph):
+        group = 0
+        if ranks > 1 and (name.endswith("attn.dense") or name.endswith("mlp.down")):
+            k = graph.params[f"{name}.weight"].shape[1]
+            if k % ranks:
+                raise CheckpointError(f"{name}: {k} input columns do not split over {ranks} tensor-parallel ranks")
+            group = shard_scale_group(k // ranks)
+        layout[name] = QuantSpec(bits, group, scale_dtype)
+    return layout
 
 
 class SATShards:
@@ -173,6 +202,9 @@ class SATShards:
 
     def __init__(self, directory: Path, expected_ranks: int | None = None):
         self.directory = directory
+        # Set by glmrt.load for a quantized checkpoint: the bit width, which sizes the per-rank
+        # scale groups of the row-parallel layers (see shard_scale_group).
+        self.quant_bits: int | None = None
         iteration_dir = self._iteration_dir(directory)
         paths = sorted(iteration_dir.glob("mp_rank_*_model_states.pt"))
         ranks = sorted(int(re.search(r"mp_rank_(\d+)", p.name).group(1)) for p in paths)
@@ -218,16 +250,20 @@ class SATShards:
             raise CheckpointError(f"{path} does not hold a SAT state dict ({{'module': ...}})")
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
-    # How each tensor is split across ranks (SAT's column/row-parallel layers).
+    # How each tensor is split across ranks (SAT's column/row-parallel layers). A quantized weight's
+    # scale follows its weight's rows; for a row-parallel layer every rank has its own scale per row.
     @staticmethod
     def _rule(name: str) -> str:
         if name.endswith("word_embeddings.weight") or name.endswith("query_key_value.weight") \
-                or name.endswith("query_key_value.bias"):
+                or name.endswith("query_key_value.bias") or name.endswith("query_key_value.weight_scale"):
             return "rows"
-        if name.endswith("dense_h_to_4h.weight") or name.endswith("dense_h_to_4h.bias"):
+        if name.endswith("dense_h_to_4h.weight") or name.endswith("dense_h_to_4h.bias") \
+                or name.endswith("dense_h_to_4h.weight_scale"):
             return "glu_rows"  # each rank holds [x1 shard; x2 shard]
         if name.endswith("attention.dense.weight") or name.endswith("dense_4h_to_h.weight"):
-            return "columns"
+            return "columns"  # INT4: each rank packs its own (even) column count, so bytes concatenate too
+        if name.endswith("attention.dense.weight_scale") or name.endswith("dense_4h_to_h.weight_scale"):
+            return "rank_groups"
         return "replicated"
 
     def _merge(self, name: str, parts: list) -> torch.Tensor:
@@ -238,6 +274,12 @@ class SATShards:
             return torch.cat(parts, dim=0)
         if rule == "columns":
             return torch.cat(parts, dim=1)
+        if rule == "rank_groups":  # (N,) per rank -> (N, ranks * repeat): see shard_scale_group
+            weight = self.shards[0][name.removesuffix("_scale")]
+            bits = self.quant_bits or 8
+            cols = weight.shape[1] * (2 if bits == 4 else 1)
+            repeat = cols // shard_scale_group(cols)
+            return torch.stack(parts, dim=1).repeat_interleave(repeat, dim=1)
         halves = [p.chunk(2, dim=0) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
@@ -250,6 +292,13 @@ class SATShards:
 
     def get(self, name: str) -> torch.Tensor:
         return self._merge(name, [s[name] for s in self.shards])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.shards[0][name].dtype
+
+    @property
+    def ranks(self) -> int:
+        return len(self.shards)
 
     def files(self) -> list[Path]:
         return list(self._paths)
