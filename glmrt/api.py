@@ -14,7 +14,7 @@ from .backends import require_available
 from .config import GLMConfig, dtype_name, parse_dtype
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .graph import Graph, build_graph
-from .lowering import lower
+from .lowering import KERNEL_CHOICES, lower
 from .model import Model
 from .models import config_from_dict, glm130b, preset, tokenizer_family
 from .models.common import WeightMap
@@ -76,7 +76,7 @@ class Prepared:
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
          quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
-         progress: bool = True) -> Model:
+         kernels: str = "auto", progress: bool = True) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, or "synthetic:<preset>" (real widths,
@@ -92,13 +92,17 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     token_ids: GLM-130B only: special-token ids for checkpoints trained with another tokenizer than
         icetk, e.g. {"gmask": ..., "sop": ..., "eop": ..., "eos": ..., "mask": ...}.
     strict: fail if any node would fall back to the torch reference instead of a backend kernel.
+    kernels: "auto" (the backend's best kernel per node) or "reference" (every node on the plain-torch
+        reference op on the backend's device: the oracle the kernels are tested against).
     """
+    if kernels not in KERNEL_CHOICES:  # before any weight is read
+        raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
     be = require_available(backend)
     prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
                    layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
     device = be.device()
     weights = {name: t.to(device) for name, t in prep.weights.items()}
-    plan = lower(prep.graph, be, weights, strict=strict)
+    plan = lower(prep.graph, be, weights, strict=strict, kernels=kernels)
     model = Model(prep.cfg, prep.graph, plan, weights, prep.source)
     if prep.directory is not None:
         family = tokenizer_family(prep.cfg, prep.directory)

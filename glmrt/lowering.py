@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import ops
-from .errors import StrictFallbackError
+from .errors import ConfigError, StrictFallbackError
 from .graph import Graph, Node
 
 from .backends.base import KIND_RANK, REFERENCE, Backend
@@ -78,11 +78,29 @@ def choose_kernel(backend: Backend, node: Node) -> tuple[Callable, str, str, str
     return ops.REFERENCE[node.op], f"reference.{node.op}", REFERENCE, reason
 
 
-def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, strict: bool = False) -> Plan:
-    """Choose a kernel for every node and bind the (already placed) weights each node reads."""
+KERNEL_CHOICES = ("auto", "reference")
+
+
+def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, strict: bool = False,
+          kernels: str = "auto") -> Plan:
+    """Choose a kernel for every node and bind the (already placed) weights each node reads.
+
+    kernels: "auto" (the backend's best kernel per node, native > vendor > reference) or
+    "reference" (every node on the plain-torch reference op, on the backend's device: the oracle
+    the backend kernels are tested against, and a way to rule the kernels out when debugging).
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if kernels == "reference" and strict:
+        raise ConfigError("kernels='reference' runs every node on the torch reference, which strict mode forbids: "
+                          "use one or the other")
     steps = []
     for node in graph.nodes:
-        fn, name, kind, reason = choose_kernel(backend, node)
+        if kernels == "reference":
+            fn, name, kind, reason = (ops.REFERENCE[node.op], f"reference.{node.op}", REFERENCE,
+                                      "kernels='reference' was requested")
+        else:
+            fn, name, kind, reason = choose_kernel(backend, node)
         params = {role: weights[pname] for role, pname in node.params.items()}
         steps.append(PlanStep(node, fn, name, kind, reason, params))
     if strict:

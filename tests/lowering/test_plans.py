@@ -93,3 +93,19 @@ def test_deeper_graph_frees_intermediates():
     plan = lower(graph, get_backend("cpu"), meta_weights(graph))
     freed = [n for s in plan.steps for n in s.free_after]
     assert "embed" in freed and "input_ids" not in freed
+
+
+def test_reference_kernels_put_every_node_on_the_torch_reference():
+    from glmrt import ops
+    from glmrt.errors import ConfigError
+    graph = build_graph(tiny_config())
+    cpu = get_backend("cpu")
+    auto = lower(graph, cpu, meta_weights(graph))
+    assert any(s.kind != REFERENCE for s in auto.steps)  # the cpu backend has kernels of its own
+    plan = lower(graph, cpu, meta_weights(graph), kernels="reference")
+    assert all(s.kind == REFERENCE and s.fn is ops.REFERENCE[s.node.op] for s in plan.steps)
+    assert all("kernels='reference'" in s.reason for s in plan.steps)
+    with pytest.raises(ConfigError, match="not one of"):
+        lower(graph, cpu, meta_weights(graph), kernels="fastest")
+    with pytest.raises(ConfigError, match="strict"):
+        lower(graph, cpu, meta_weights(graph), kernels="reference", strict=True)

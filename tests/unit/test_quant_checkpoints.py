@@ -15,8 +15,8 @@ nothing: transformers (ChatGLM2/3 layout) or the original-code references of tes
 
 Two checks per layout: (1) every quantized linear glmrt loaded, dequantized here with the formula
 above, equals bit for bit the float weight glmrt's float loader (checked by tests/models) reads from
-the dequantized checkpoint; (2) logits against the independent reference, with the quantized
-linears run by the torch reference op (dequantize, then matmul). The native kernels also quantize
+the dequantized checkpoint; (2) logits against the independent reference, with every node on the
+torch reference op (`glmrt.load(..., kernels="reference")`: quantized linears dequantize, then matmul). The native kernels also quantize
 activations to int8 (see native/cpu/gemv_quant.h); their numerics are tests/ops' business, and
 they would blur a loader bug here.
 """
@@ -40,7 +40,6 @@ from reference_glm_original import ChatGLM6BReference, GLM130BReference  # noqa:
 
 import glmrt  # noqa: E402
 import glmrt.quant  # noqa: E402
-from glmrt import ops  # noqa: E402
 from glmrt.cli import main as cli_main  # noqa: E402
 from glmrt.errors import CheckpointError, ConfigError  # noqa: E402
 from glmrt.quantize_cmd import quantize_checkpoint  # noqa: E402
@@ -106,14 +105,6 @@ def assert_weights_equal_dequantized(model, float_model) -> int:
     return count
 
 
-def reference_linears(model):
-    """Run the quantized linears with the torch reference op (what lowering falls back to)."""
-    for step in model.plan.steps:
-        if "quant" in step.node.attrs:
-            step.fn = ops.REFERENCE[step.node.op]
-    return model
-
-
 def test_int4_packing_follows_the_release_kernel():
     q = torch.tensor([[-7, 7, 0, -1, 3, -8 + 1, 5, 2]], dtype=torch.int8)
     packed = compress_int4(q)
@@ -169,10 +160,9 @@ def chatglm2_release(request, glm2_case, tmp_path_factory):
 
 def test_chatglm2_release_loads_as_is_and_matches_dequantized_transformers(chatglm2_release):
     bits, d, reference, cw, float_dir = chatglm2_release
-    model = glmrt.load(str(d), dtype="float32", progress=False)
+    model = glmrt.load(str(d), dtype="float32", kernels="reference", progress=False)
     float_model = glmrt.load(str(float_dir), dtype="float32", progress=False)
     assert assert_weights_equal_dequantized(model, float_model) == 4 * model.config.num_layers
-    reference_linears(model)
     quantized = [n for n in model.graph.nodes if "quant" in n.attrs]
     assert len(quantized) == 4 * model.config.num_layers
     assert all(n.attrs["quant"]["bits"] == bits and n.attrs["quant"]["group_size"] == 0 for n in quantized)
@@ -281,13 +271,12 @@ def test_chatglm6b_release_matches_original_reference(bits, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(C6_CONFIG, quantization_bit=bits,
                                                           quantization_embeddings=False)))
     torch.save(qsd, tmp_path / "pytorch_model.bin")
-    model = glmrt.load(str(tmp_path), dtype="float32", progress=False)
+    model = glmrt.load(str(tmp_path), dtype="float32", kernels="reference", progress=False)
     float_dir = tmp_path / "dequantized"
     float_dir.mkdir()
     (float_dir / "config.json").write_text(json.dumps(C6_CONFIG))
     torch.save(deq, float_dir / "pytorch_model.bin")
     assert assert_weights_equal_dequantized(model, glmrt.load(str(float_dir), dtype="float32", progress=False)) == 8
-    reference_linears(model)
     reference = ChatGLM6BReference(deq, C6_CONFIG)
     g = torch.Generator().manual_seed(2)
     for prompt in (torch.randint(10, 180, (9,), generator=g).tolist() + [C6_GMASK, C6_SOP],
@@ -400,11 +389,10 @@ G_PROMPTS = [[11, 12, 13, 14, 15, 16, G_GMASK, G_SOP], [21, 22, G_MASK, 23, 24, 
 def test_glm130b_quantized_ranks_match_rank_by_rank_reference(bits, P, tmp_path):
     qranks, deq = quantize_ranks(split_ranks(glm130b_state_dict(), P), bits)
     d = write_sat(tmp_path / "sat", qranks, bits)
-    model = glmrt.load(str(d), dtype="float32", token_ids=G_TOKEN_IDS, progress=False)
+    model = glmrt.load(str(d), dtype="float32", token_ids=G_TOKEN_IDS, kernels="reference", progress=False)
     float_model = glmrt.load(str(write_sat(tmp_path / "dequantized", deq, None)), dtype="float32",
                              token_ids=G_TOKEN_IDS, progress=False)
     assert assert_weights_equal_dequantized(model, float_model) == 8
-    reference_linears(model)
     reference = GLM130BReference(deq, G_LAYERS, G_HIDDEN, G_HEADS)
     dense = next(n for n in model.graph.nodes if n.name == "layers.0.mlp.down")
     if P > 1:  # one scale per (row, rank): the merged layer is group-wise over the ranks' column blocks
