@@ -111,8 +111,11 @@ class Backend:
         return Capabilities()
 
     def native_info(self) -> dict:
-        """Which native module was built for this backend, and for which architectures."""
-        return {"built": False, "archs": [], "module": None}
+        """Which native module was built for this backend, and for which architectures:
+        ``{"built": bool, "archs": [...], "module": "glmrt._native_x" or None, "reason": str, ...}``
+        (extra keys are shown as they are). Must not need the device."""
+        return {"built": False, "archs": [], "module": None,
+                "reason": f"backend {self.name!r} has no glmrt native module"}
 
     def device(self) -> torch.device:
         """The torch device this backend runs on. Default: ``torch.device(device_type)``."""
@@ -139,15 +142,35 @@ class Backend:
             out["capabilities"] = self.capabilities().to_dict()
         except Exception as exc:  # noqa: BLE001
             out["capabilities"] = {"error": str(exc)}
-        try:
-            out["native"] = self.native_info()
-        except Exception as exc:  # noqa: BLE001
-            out["native"] = {"built": False, "archs": [], "error": str(exc)}
+        out["native"] = native_summary(self)
         try:
             out["kernels"] = [{"op": k.op, "name": k.name, "kind": k.kind} for k in self.kernels()]
         except Exception as exc:  # noqa: BLE001
             out["kernels"] = [{"error": str(exc)}]
         return out
+
+
+def native_summary(backend: Backend) -> dict:
+    """native_info() that cannot raise, with the four keys every backend reports: built, archs,
+    module, reason (filled in where a backend's dict lacks them)."""
+    try:
+        info = backend.native_info()
+        if not isinstance(info, dict):
+            raise TypeError(f"native_info() returned {type(info).__name__}, not dict")
+        info = dict(info)
+    except Exception as exc:  # noqa: BLE001 - a third-party backend must not break `glmrt info`
+        return {"built": False, "archs": [], "module": None,
+                "reason": f"native_info() raised {type(exc).__name__}: {exc}"}
+    info["built"] = bool(info.get("built", False))
+    info["archs"] = [str(a) for a in (info.get("archs") or [])]
+    info.setdefault("module", None)
+    if not info.get("reason"):
+        if info["built"]:
+            archs = ", ".join(info["archs"]) or "no architecture list"
+            info["reason"] = f"{info['module'] or 'the native module'} is built ({archs})"
+        else:
+            info["reason"] = f"backend {backend.name!r} reports no native module"
+    return info
 
 
 def safe_probe(backend: Backend) -> ProbeResult:

@@ -29,7 +29,7 @@ _GENERATION_FLAGS = {
 
 
 # Modules that add their own subcommands (see _parser).
-_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.quantize_cmd")
+_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.conformance", "glmrt.quantize_cmd")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="backends (availability, verification) and, with a model, its plan")
     _add_model_flags(info, model_required=False)
+    info.add_argument("--quantize", default=None,
+                      help="int8 | int4 | int4-g64 ...: show the plan of the model quantized this way")
     info.add_argument("--json", action="store_true", help="print JSON")
 
     run = sub.add_parser("run", help="load a model and generate")
@@ -101,20 +103,64 @@ def _print_backends(rows: list[dict]) -> None:
     for r in rows:
         mark = "available  " if r["available"] else "unavailable"
         print(f"  {r['name']:<{width}}  {mark}  [{r['verification']}]  {r['reason']}")
+        native = r.get("native")
+        if native:
+            print(f"  {'':<{width}}  native: {_native_line(native)}")
+
+
+def _native_line(native: dict) -> str:
+    if native.get("built"):
+        return f"{native.get('module')} built for {', '.join(native.get('archs') or ['?'])}"
+    return f"none ({native.get('reason', 'not built')})"
+
+
+_KIND_LABEL = {"native": "native", "vendor": "vendor", "reference": "fallback"}
+
+
+def _op_coverage(backend) -> list[dict]:
+    """Per IR op: the kernels the backend offers, best first, or that the op falls back."""
+    from . import ops
+    from .backends.base import KIND_RANK
+    try:
+        kernels = sorted(backend.kernels(), key=lambda k: KIND_RANK.get(k.kind, 9))
+    except Exception as exc:  # noqa: BLE001 - info never raises for a broken backend
+        return [{"op": op, "kernels": [], "plan": "fallback", "why": f"kernels() raised {type(exc).__name__}: {exc}"}
+                for op in ops.REFERENCE]
+    rows = []
+    for op in ops.REFERENCE:
+        mine = [{"name": k.name, "kind": k.kind} for k in kernels if k.op == op]
+        if mine:
+            best = mine[0]["kind"]
+            why = (f"{mine[0]['name']} where its supports() accepts the node's shapes and dtypes"
+                   + (f", else {', '.join(k['name'] for k in mine[1:])}" if len(mine) > 1 else "")
+                   + ", else the torch reference")
+        else:
+            best, why = "reference", f"no kernel for {op!r}: the core's torch reference runs on the backend's device"
+        rows.append({"op": op, "kernels": mine, "plan": _KIND_LABEL[best], "why": why})
+    return rows
 
 
 def _cmd_info(args) -> int:
     from .backends import get_backend, list_backends
+    from .backends.base import native_summary
     out: dict = {"glmrt": _version(), "python": platform.python_version(), "torch": _torch_version()}
-    if args.backend != "auto" and not args.model:
-        out["backend"] = get_backend(args.backend).describe()
     out["backends"] = list_backends()
+    for row in out["backends"]:
+        row["native"] = native_summary(get_backend(row["name"]))
+    if args.backend != "auto" and not args.model:
+        backend = get_backend(args.backend)
+        out["backend"] = backend.describe()
+        out["backend"]["ops"] = _op_coverage(backend)
     if args.model:
         from .api import load
-        model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict)
+        model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers,
+                     quantize=args.quantize, strict=args.strict, progress=False)
         out["model"] = model.info()
         out["plan"] = model.plan.report()
         out["backend"] = model.backend.describe()
+        out["backend"]["ops"] = _op_coverage(model.backend)
+    elif args.quantize:
+        raise GLMRTError("--quantize needs a MODEL: it shows that model's plan quantized")
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
@@ -122,18 +168,42 @@ def _cmd_info(args) -> int:
     _print_backends(out["backends"])
     if "backend" in out:
         b = out["backend"]
-        print(f"\nbackend {b['name']}: {b['reason']}")
-        print(f"  verification: {b['verification']['level']} — {b['verification']['detail']}")
-        print(f"  capabilities: {json.dumps(b['capabilities'])}")
-        print(f"  native: {json.dumps(b['native'])}")
+        caps = b["capabilities"]
+        print(f"\nbackend {b['name']}{' (aliases: ' + ', '.join(b['aliases']) + ')' if b['aliases'] else ''}: "
+              f"{'available' if b['available'] else 'unavailable'}; {b['reason']}")
+        print(f"  verification: {b['verification']['level']} - {b['verification']['detail']}")
+        if "error" in caps:
+            print(f"  capabilities: error: {caps['error']}")
+        else:
+            print(f"  dtypes: {', '.join(caps['dtypes'])}; quantized weights: "
+                  f"{', '.join(caps['quant_formats']) or 'none'}; graph capture: "
+                  f"{'yes' if caps['graph_capture'] else 'no'}; collectives: {caps['collective_backend'] or 'none'}; "
+                  f"memory query: {'yes' if caps['memory_query'] else 'no'}")
+        native = b["native"]
+        print(f"  native: {_native_line(native)}")
+        if native.get("built") and native.get("reason"):
+            print(f"          {native['reason']}")
+        extra = {k: v for k, v in native.items() if k not in ("built", "archs", "module", "reason")}
+        if extra:
+            print(f"          {json.dumps(extra, default=str)}")
+        if not args.model:
+            print("  ops (kernels best first; a node no kernel supports runs the torch reference = fallback):")
+            for row in b["ops"]:
+                names = ", ".join(f"{k['name']} [{k['kind']}]" for k in row["kernels"]) or "-"
+                print(f"    {row['op']:<11} {row['plan']:<9} {names}")
+                if not row["kernels"]:
+                    print(f"    {'':<11} {row['why']}")
     if args.model:
         m = out["model"]
         c = m["config"]
         print(f"\nmodel {m['source']}: {c['generation']}, {c['num_layers']} layers, hidden {c['hidden_size']}, "
               f"{m['dtype']}, {m['weight_bytes'] / 1e9:.2f} GB of weights on {m['device']}")
-        print("plan (per op and implementation):")
+        print("plan (per op: native / vendor / fallback, the kernel, and why):")
         for row in m["plan"]:
-            print(f"  {row['op']:<11} x{row['nodes']:<4} {row['kind']:<9} {row['impl']:<24} {row['reason']}")
+            label = _KIND_LABEL.get(row["kind"], row["kind"])
+            print(f"  {row['op']:<11} x{row['nodes']:<4} {label:<9} {row['impl']:<24} {row['reason']}")
+        fallbacks = sum(row["nodes"] for row in m["plan"] if row["kind"] == "reference")
+        print(f"{fallbacks} node(s) fall back to the torch reference" if fallbacks else "no fallbacks")
     return 0
 
 

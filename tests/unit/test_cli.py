@@ -53,3 +53,70 @@ def test_cli_defaults_come_from_the_api(flag):
     name = flag[2:].replace("-", "_")
     default = inspect.signature(Model.generate).parameters[name].default
     assert f"(default: {default})" in " ".join(help_text.split())
+
+
+def test_info_json_reports_each_backends_native_module():
+    from glmrt import _native
+    from glmrt.backends.base import VERIFICATION_LEVELS
+    out = json.loads(run("info", "--json").stdout)
+    rows = {b["name"]: b for b in out["backends"]}
+    for row in rows.values():
+        native = row["native"]
+        assert set(native) >= {"built", "archs", "module", "reason"} and native["reason"]
+        assert isinstance(native["built"], bool) and isinstance(native["archs"], list)
+        assert native["built"] == bool(native["archs"]), row["name"]  # a built module names what it was built for
+        assert row["verification"] in VERIFICATION_LEVELS and row["verification_detail"]
+    for name, module_name in (("cpu", "_native_cpu"), ("cuda", "_native_cuda"), ("rocm", "_native_hip"),
+                              ("sunway", "_native_sunway")):
+        module, _ = _native.load(module_name)
+        assert rows[name]["native"]["built"] == (module is not None), name
+        if module is not None:
+            assert rows[name]["native"]["module"] == f"glmrt.{module_name}"
+            if hasattr(module, "archs"):  # the GPU modules report the archs they were compiled for
+                assert rows[name]["native"]["archs"] == list(module.archs())
+    assert rows["npu"]["native"]["built"] is False and "torch_npu" in rows["npu"]["native"]["reason"]
+
+
+def test_info_backend_shows_capabilities_and_per_op_coverage():
+    text = run("info", "--backend", "sunway").stdout
+    assert "backend sunway (aliases: sw, swdeepspeed)" in text and "verification: contract-verified" in text
+    assert "dtypes: float32, bfloat16, float16" in text and "collectives: gloo" in text
+    out = json.loads(run("info", "--backend", "sunway", "--json").stdout)
+    ops = {row["op"]: row for row in out["backend"]["ops"]}
+    assert set(ops) == {"embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head"}
+    if out["backend"]["native"]["built"]:
+        assert ops["linear"]["plan"] == "native" and ops["linear"]["kernels"][0]["name"] == "sunway.tiled_linear"
+    assert ops["rope"]["plan"] == "vendor"
+
+
+def test_info_plan_names_native_vendor_and_why():
+    proc = run("info", "--backend", "sunway", "synthetic:chatglm3-6b", "--layers", "1", "--quantize", "int4-g32")
+    lines = proc.stdout.splitlines()
+    plan = lines[lines.index(next(l for l in lines if l.startswith("plan (per op"))) + 1:]
+    linear = [l for l in plan if l.split()[0] == "linear"]
+    assert linear and all(("native" in l and "sunway.tiled_linear" in l) or "vendor" in l for l in linear)
+    assert any("supports" in l for l in plan) and plan[-1] == "no fallbacks"
+    bad = run("info", "--quantize", "int4", check=False)
+    assert bad.returncode != 0 and "--quantize needs a MODEL" in bad.stderr
+
+
+def test_native_summary_fills_in_and_never_raises():
+    from glmrt.backends.base import Backend, native_summary
+
+    class Broken(Backend):
+        name = "broken"
+
+        def native_info(self):
+            raise OSError("driver gone")
+
+    class Terse(Backend):
+        name = "terse"
+
+        def native_info(self):
+            return {"built": True, "archs": ["gfx906"], "module": "glmrt._native_x"}
+
+    assert native_summary(Broken()) == {"built": False, "archs": [], "module": None,
+                                        "reason": "native_info() raised OSError: driver gone"}
+    terse = native_summary(Terse())
+    assert terse["reason"] == "glmrt._native_x is built (gfx906)"
+    assert Backend.native_info(Terse())["reason"] == "backend 'terse' has no glmrt native module"
