@@ -10,11 +10,11 @@ import torch
 
 from . import checkpoint
 from .backends import list_backends as _list_backends
-from .backends import require_available
+from .backends import get_backend, require_available
 from .config import GLMConfig, dtype_name, parse_dtype
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .graph import Graph, build_graph
-from .lowering import KERNEL_CHOICES, lower
+from .lowering import KERNEL_CHOICES, Plan, lower
 from .model import Model
 from .models import config_from_dict, glm130b, preset, tokenizer_family
 from .models.common import WeightMap
@@ -48,13 +48,14 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -
     out = {}
     items = list(graph.params.items())
     for i, (name, spec) in enumerate(items):
+        # In place: no second fp32 copy of each tensor (the GLM-130B embedding alone is 7.4 GB in fp32).
+        t = torch.randn(spec.shape, generator=gen)
         if spec.role == "norm_weight":
-            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
-        elif spec.role in ("bias", "norm_bias"):
-            t = 0.02 * torch.randn(spec.shape, generator=gen)
-        else:
-            t = 0.02 * torch.randn(spec.shape, generator=gen)
+            t.mul_(0.1).add_(1.0)
+        else:  # matrices, biases and norm biases
+            t.mul_(0.02)
         out[name] = t.to(spec.dtype)
+        del t
         if progress is not None:
             progress(i + 1, len(items))
     return out
@@ -113,11 +114,25 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     return model
 
 
+def plan(path_or_preset: str | os.PathLike, *, backend: str, dtype=None, layers: int | None = None,
+         quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
+         kernels: str = "auto") -> Plan:
+    """The plan glmrt.load would build for a model on a backend, without loading any weight and
+    without needing the backend's hardware: kernel choices depend on the graph only. For porting
+    (`glmrt info --backend X MODEL` on a machine without X)."""
+    be = get_backend(backend)
+    prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
+                   layers=layers, quantize=quantize, token_ids=token_ids, progress=False, materialize=False)
+    return lower(prep.graph, be, prep.weights, strict=strict, kernels=kernels)
+
+
 def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str = "cpu", dtype=None,
             layers: int | None = None, quantize: str | None = None, token_ids: dict | None = None,
-            progress: bool = True) -> Prepared:
+            progress: bool = True, materialize: bool = True) -> Prepared:
     """Read config and weights and apply the quantization pass, without lowering (glmrt.load and
-    `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any)."""
+    `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any).
+    ``materialize=False``: the weights are meta tensors of the right shapes and dtypes (nothing is
+    read or generated), for planning without loading."""
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
     spec = str(path_or_preset)
@@ -185,9 +200,13 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
             raise ConfigError(f"{source} is already quantized ({have}); quantize={quantize!r} would quantize it "
                               "again: load it with quantize=None, or quantize the FP16 checkpoint instead")
 
-    bar = Progress(f"loading {source}", len(graph.params), enabled=progress)
+    bar = Progress(f"loading {source}", len(graph.params), enabled=progress and materialize)
     try:
-        if layout is not None:
+        if not materialize:
+            if layout is not None:
+                graph = quantize_graph_layout(graph, layout)
+            weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in graph.params.items()}
+        elif layout is not None:
             float_graph = graph
             graph = quantize_graph_layout(graph, layout)
             if glmrt_format is not None:
@@ -207,7 +226,11 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
         bar.close()
     if quant_format is not None and layout is None:
         quantized = quantize_graph(graph, *quant_format)
-        weights = quantize_weights(graph, quantized, weights)
+        if materialize:
+            weights = quantize_weights(graph, quantized, weights)
+        else:
+            weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
+                       for name, p in quantized.params.items()}
         graph = quantized
     return Prepared(source, raw, cfg, graph, weights, directory, generation)
 

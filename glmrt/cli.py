@@ -10,6 +10,7 @@ import argparse
 import importlib
 import inspect
 import json
+import math
 import platform
 import sys
 import time
@@ -151,7 +152,24 @@ def _cmd_info(args) -> int:
         backend = get_backend(args.backend)
         out["backend"] = backend.describe()
         out["backend"]["ops"] = _op_coverage(backend)
-    if args.model:
+    if args.model and args.backend != "auto" and not get_backend(args.backend).probe().available:
+        # The plan depends on the graph only: show it without the hardware and without loading weights.
+        from .api import plan as make_plan
+        from .config import dtype_name
+        backend = get_backend(args.backend)
+        plan = make_plan(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers,
+                         quantize=args.quantize, strict=args.strict)
+        g = plan.graph
+        out["model"] = {"source": args.model, "config": g.config.to_dict(), "dtype": dtype_name(g.dtype),
+                        "backend": backend.name, "device": "none (planned only)",
+                        "weight_bytes": sum(math.prod(p.shape) * p.dtype.itemsize for p in g.params.values()),
+                        "plan": plan.summary(), "planned_only": True,
+                        "why": f"backend {backend.name!r} is not available here ({backend.probe().reason}); the "
+                               "model was planned (kernel choice per node) but not loaded"}
+        out["plan"] = plan.report()
+        out["backend"] = backend.describe()
+        out["backend"]["ops"] = _op_coverage(backend)
+    elif args.model:
         from .api import load
         model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers,
                      quantize=args.quantize, strict=args.strict, progress=False)
@@ -198,6 +216,8 @@ def _cmd_info(args) -> int:
         c = m["config"]
         print(f"\nmodel {m['source']}: {c['generation']}, {c['num_layers']} layers, hidden {c['hidden_size']}, "
               f"{m['dtype']}, {m['weight_bytes'] / 1e9:.2f} GB of weights on {m['device']}")
+        if m.get("planned_only"):
+            print(f"(planned only: {m['why']})")
         print("plan (per op: native / vendor / fallback, the kernel, and why):")
         for row in m["plan"]:
             label = _KIND_LABEL.get(row["kind"], row["kind"])

@@ -120,3 +120,19 @@ def test_native_summary_fills_in_and_never_raises():
     terse = native_summary(Terse())
     assert terse["reason"] == "glmrt._native_x is built (gfx906)"
     assert Backend.native_info(Terse())["reason"] == "backend 'terse' has no glmrt native module"
+
+
+def test_info_plans_a_model_for_a_backend_that_is_absent():
+    """A porting engineer sees the npu plan on a machine without Ascend: planned, not loaded."""
+    import glmrt
+    if any(b["name"] == "npu" and b["available"] for b in glmrt.list_backends()):
+        pytest.skip("an Ascend device is present: the plan is shown from a loaded model instead")
+    out = json.loads(run("info", "--backend", "npu", "synthetic:chatglm3-6b", "--layers", "1",
+                         "--quantize", "int4", "--json").stdout)
+    assert out["model"]["planned_only"] is True and "not available" in out["model"]["why"]
+    impl = {row["op"]: row["impl"] for row in out["plan"]}
+    assert impl["linear"] == "torch_npu.npu_weight_quant_batchmatmul"  # int4 linears go to the vendor op
+    assert impl["activation"] == "torch_npu.npu_swiglu"
+    assert out["model"]["weight_bytes"] > 0 and out["model"]["config"]["num_layers"] == 1
+    text = run("info", "--backend", "npu", "synthetic:chatglm3-6b", "--layers", "1").stdout
+    assert "planned only" in text and "no fallbacks" in text
