@@ -13,6 +13,7 @@ from .backends import list_backends as _list_backends
 from .backends import get_backend, require_available
 from .config import GLMConfig, dtype_name, parse_dtype
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .fusion import backend_accepts, fuse_residual_norm
 from .graph import Graph, build_graph
 from .lowering import KERNEL_CHOICES, Plan, lower
 from .model import Model
@@ -77,7 +78,7 @@ class Prepared:
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
          quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
-         kernels: str = "auto", progress: bool = True) -> Model:
+         kernels: str = "auto", progress: bool = True, fuse: bool = True) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, or "synthetic:<preset>" (real widths,
@@ -95,6 +96,9 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     strict: fail if any node would fall back to the torch reference instead of a backend kernel.
     kernels: "auto" (the backend's best kernel per node) or "reference" (every node on the plain-torch
         reference op on the backend's device: the oracle the kernels are tested against).
+    fuse: apply the fusion passes (glmrt.fusion: residual + norm -> residual_norm) where the backend
+        has a kernel for the fused node; the graph, and so the arithmetic, is the same whichever
+        ``kernels`` is chosen. False keeps the graph as built (for comparisons and debugging).
     """
     if kernels not in KERNEL_CHOICES:  # before any weight is read
         raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
@@ -103,8 +107,9 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
                    layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
     device = be.device()
     weights = {name: t.to(device) for name, t in prep.weights.items()}
-    plan = lower(prep.graph, be, weights, strict=strict, kernels=kernels)
-    model = Model(prep.cfg, prep.graph, plan, weights, prep.source)
+    graph = _fuse(prep.graph, be, fuse)
+    plan = lower(graph, be, weights, strict=strict, kernels=kernels)
+    model = Model(prep.cfg, graph, plan, weights, prep.source)
     if prep.directory is not None:
         family = tokenizer_family(prep.cfg, prep.directory)
         if family is not None:
@@ -116,14 +121,22 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
 
 def plan(path_or_preset: str | os.PathLike, *, backend: str, dtype=None, layers: int | None = None,
          quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
-         kernels: str = "auto") -> Plan:
+         kernels: str = "auto", fuse: bool = True) -> Plan:
     """The plan glmrt.load would build for a model on a backend, without loading any weight and
     without needing the backend's hardware: kernel choices depend on the graph only. For porting
     (`glmrt info --backend X MODEL` on a machine without X)."""
     be = get_backend(backend)
     prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
                    layers=layers, quantize=quantize, token_ids=token_ids, progress=False, materialize=False)
-    return lower(prep.graph, be, prep.weights, strict=strict, kernels=kernels)
+    return lower(_fuse(prep.graph, be, fuse), be, prep.weights, strict=strict, kernels=kernels)
+
+
+def _fuse(graph: Graph, backend, fuse: bool) -> Graph:
+    """The fusion passes, after quantization: a pattern is fused where one of ``backend``'s kernels
+    runs the fused node (elsewhere the backend keeps its kernels for the separate nodes)."""
+    if not fuse:
+        return graph
+    return fuse_residual_norm(graph, backend_accepts(backend))
 
 
 def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str = "cpu", dtype=None,

@@ -22,7 +22,9 @@ import torch
 from .config import GLMConfig
 
 # Every op the graph uses; each has a plain-torch reference in glmrt.ops.
-OPS = ("embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head")
+OPS = ("embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head",
+       # Made by a pass, never by build_graph: residual then norm in one node (glmrt.fusion).
+       "residual_norm")
 
 Shape = tuple  # of int | str ("B", "T")
 

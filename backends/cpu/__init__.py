@@ -7,7 +7,16 @@ import os
 import torch
 
 from ..base import NATIVE, VENDOR, Backend, Capabilities, Kernel, ProbeResult, Verification
-from . import kernels
+from ...quant import FORMATS, GROUP_SIZES
+from . import kernels, native_ops
+
+
+def _quant_format_names() -> tuple[str, ...]:
+    """Every format glmrt.load(quantize=...) takes (native kernels when built, else the reference)."""
+    names = []
+    for name in FORMATS:
+        names += [name] + [f"{name}-g{g}" for g in GROUP_SIZES if g]
+    return tuple(names)
 
 
 class CPUBackend(Backend):
@@ -22,7 +31,7 @@ class CPUBackend(Backend):
                                             "plain-torch reference and transformers, on x86-64 Linux")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=(),
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=_quant_format_names(),
                             graph_capture=False, collective_backend="gloo", memory_query=True)
 
     def native_info(self) -> dict:
@@ -30,13 +39,18 @@ class CPUBackend(Backend):
         if module is None:
             return {"built": False, "archs": [], "module": None, "reason": reason}
         return {"built": True, "module": "glmrt._native_cpu", "archs": ["x86-64"],
-                "simd": module.simd_level(), "openmp": bool(module.openmp())}
+                "simd": module.simd_level(), "openmp": bool(module.openmp()),
+                "quant_linear_isa": module.quant_linear_isa() if hasattr(module, "quant_linear_isa") else None}
 
     def kernels(self):
         out = [Kernel(op, f"torch-cpu.{op}", VENDOR, fn) for op, fn in kernels.torch_ops().items()]
         if kernels.native()[0] is not None:
             out.insert(0, Kernel("norm", "native.rms_norm", NATIVE, kernels.native_rms_norm,
                                  kernels.native_rms_norm_supports))
+            if hasattr(kernels.native()[0], "linear_int4"):  # a module built before the quantized kernels lacks it
+                out.insert(0, Kernel("linear", "native.quant_linear", NATIVE, kernels.native_quant_linear,
+                                     kernels.native_quant_linear_supports))
+            out += native_ops.kernels()  # LayerNorm, RoPE, attention (native over vendor: ranked by kind)
         return out
 
     def memory_stats(self) -> dict:

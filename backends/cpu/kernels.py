@@ -38,3 +38,59 @@ def native_rms_norm(ctx, node, inputs, params):
                     out.data_ptr(), x.numel() // cols, cols, float(node.attrs["eps"]),
                     bool(node.attrs["round_before_weight"]))
     return out
+
+
+# ----------------------------------------------------------------------------- quantized linear
+# Weight-only INT8 / INT4 (glmrt.quant's format: symmetric, per output channel or group-wise along
+# K, INT4 packed with the even index in the high nibble). The kernels quantize each activation row
+# to int8 per block of 32 along K and take exact integer dot products (see native/cpu/gemv_quant.h
+# for the error bound this implies against the dequantized reference).
+QUANT_LINEAR_FUNCTIONS = {8: "linear_int8", 4: "linear_int4"}
+QUANT_BLOCK = 32
+
+
+def native_quant_linear_supports(node) -> str | None:
+    quant = node.attrs.get("quant")
+    if quant is None:
+        return "float weights: the native kernels take INT8 / INT4 weight-only quantized linears"
+    if quant["bits"] not in QUANT_LINEAR_FUNCTIONS:
+        return f"{quant['bits']}-bit weights: the native kernels take int8 and int4"
+    group = quant["group_size"]
+    if group < 0 or group % QUANT_BLOCK:
+        return (f"quantization group of {group}: the native kernels need 0 (one scale per output channel) or a "
+                f"multiple of {QUANT_BLOCK}")
+    dtype = node.input_specs[0].dtype
+    if dtype not in _native.DTYPE_CODES:
+        return f"activations in {dtype}: the native kernels take float32, bfloat16 or float16"
+    return None
+
+
+def native_quant_linear(ctx, node, inputs, params):
+    module, _ = native()
+    quant = node.attrs["quant"]
+    bits, group, k = quant["bits"], quant["group_size"], quant["in_features"]
+    x, w, scale, bias = inputs[0], params["weight"], params["scale"], params.get("bias")
+    n = w.shape[0]
+    row_bytes = k if bits == 8 else (k + 1) // 2
+    if x.shape[-1] != k or w.dtype != torch.int8 or tuple(w.shape) != (n, row_bytes):
+        raise ValueError(f"{node.name}: expected x (..., {k}) and int8 weight ({n}, {row_bytes}) for {bits}-bit "
+                         f"weights, got x {tuple(x.shape)} and weight {w.dtype} {tuple(w.shape)}; the weights do not "
+                         "match the node's quant attributes: quantize them with glmrt.quant.quantize_weights")
+    groups = 1 if group == 0 else -(-k // group)
+    if scale.numel() != n * groups or scale.dtype not in _native.DTYPE_CODES:
+        raise ValueError(f"{node.name}: expected {n * groups} scales in float32/bfloat16/float16, got "
+                         f"{scale.dtype} {tuple(scale.shape)}; quantize the weights with glmrt.quant.quantize_weights")
+    x = x.contiguous()
+    w = w.contiguous()
+    scale = scale.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    m = x.numel() // k if k else int(torch.Size(x.shape[:-1]).numel())
+    if m == 0 or n == 0:
+        return out
+    getattr(module, QUANT_LINEAR_FUNCTIONS[bits])(
+        x.data_ptr(), _native.DTYPE_CODES[x.dtype], w.data_ptr(), scale.data_ptr(), _native.DTYPE_CODES[scale.dtype],
+        bias.data_ptr() if bias is not None else 0, _native.DTYPE_CODES[bias.dtype] if bias is not None else 0,
+        out.data_ptr(), m, n, k, group)
+    return out

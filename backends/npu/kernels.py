@@ -11,8 +11,11 @@ Products (``torch.npu.get_device_name()``): the original Ascend 910 ("Ascend910A
 ... = "Atlas training series") runs far fewer fused ops than the 910B ("Ascend910B1".."B4" = Atlas
 A2) and 910_93xx (Atlas A3); each op's product table below is the one op-plugin documents.
 
-Not lowered to: npu_add_rms_norm (it needs a fused residual+norm graph node, which no graph pass
-makes yet); npu_incre_flash_attention / npu_prompt_flash_attention (npu_fused_infer_attention_score
+npu_add_rms_norm runs the residual_norm node that glmrt.fusion makes (residual + RMSNorm), where
+the model's residual is a plain sum (not DeepNorm's alpha-scaled one) and the norm's rounding is
+the op's.
+
+Not lowered to: npu_incre_flash_attention / npu_prompt_flash_attention (npu_fused_infer_attention_score
 runs both branches on A2/A3; neither is documented for the original 910, and on the 310P the
 prompt op takes no GQA and no actual_seq_lengths_kv, so a plan could not use them for both steps).
 """
@@ -95,6 +98,7 @@ UNKNOWN = "unknown Ascend product"
 # Which products each op supports, as op-plugin documents it.
 OP_PRODUCTS = {
     "npu_rms_norm": {TRAINING_910, A2, A3, INFERENCE},
+    "npu_add_rms_norm": {A2, A3, INFERENCE},  # aclnnAddRmsNorm; the inference series: fp32/fp16 only
     "npu_rotary_mul": {TRAINING_910, A2, A3, INFERENCE},  # but see ROTARY_MUL_GENERAL
     "npu_apply_rotary_pos_emb": {A2, A3, INFERENCE},
     "npu_swiglu": {A2},  # the only product its documentation lists
@@ -277,6 +281,37 @@ class NPUKernels:
         x = inputs[0]
         gamma = params["weight"].to(x.dtype)  # the op requires gamma's dtype to equal x's
         return vendor().npu_rms_norm(x, gamma, epsilon=float(node.attrs["eps"]))[0]
+
+    # ------------------------------------------------------------------ residual + norm: npu_add_rms_norm
+    def supports_add_rms_norm(self, node) -> str | None:
+        """npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x): x = x1 + x2 in the input
+        dtype (the new residual), y = RMSNorm(x) * gamma in fp32, rounded once."""
+        a = node.attrs
+        if a.get("kind") != "rmsnorm":
+            return f"npu_add_rms_norm is residual + RMSNorm; this node's norm is {a.get('kind')}"
+        if a.get("alpha", 1.0) != 1.0:
+            return (f"npu_add_rms_norm adds x1 + x2; this node scales the residual by alpha {a['alpha']:g} "
+                    "(DeepNorm) first")
+        dtypes = {s.dtype for s in node.input_specs}
+        if len(dtypes) != 1:
+            return "npu_add_rms_norm needs x1 and x2 of one dtype; residual and branch differ"
+        dtype = node.input_specs[0].dtype
+        if dtype not in FLOAT_DTYPES:
+            return f"npu_add_rms_norm takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
+        if a.get("round_before_weight") and dtype != torch.float32:
+            return ("npu_add_rms_norm multiplies by the weight in fp32 and rounds once (THUDM's RMSNorm); this node "
+                    f"rounds the normalized value to {_dtype_name(dtype)} before the weight multiply (transformers' "
+                    "glm/glm4), which the op cannot reproduce bit for bit")
+        refusal = self._product_refusal("npu_add_rms_norm")
+        if refusal is None and self.product.family == INFERENCE and dtype == torch.bfloat16:
+            return f"npu_add_rms_norm takes no bfloat16 on {self.product.describe()}"
+        return refusal
+
+    def add_rms_norm(self, ctx, node, inputs, params):
+        res, branch = inputs
+        gamma = params["weight"].to(branch.dtype)  # the op requires gamma's dtype to equal x's
+        y, _, h = vendor().npu_add_rms_norm(branch, res, gamma, epsilon=float(node.attrs["eps"]))
+        return (h, y) if node.attrs.get("emit_residual", True) else y
 
     # ------------------------------------------------------------------ rope: npu_apply_rotary_pos_emb
     def supports_apply_rotary_pos_emb(self, node) -> str | None:
@@ -522,6 +557,8 @@ class NPUKernels:
     def kernel_list(self) -> list[Kernel]:
         return [
             Kernel("norm", "torch_npu.npu_rms_norm", VENDOR, self.rms_norm, self.supports_rms_norm),
+            Kernel("residual_norm", "torch_npu.npu_add_rms_norm", VENDOR, self.add_rms_norm,
+                   self.supports_add_rms_norm),
             Kernel("rope", "torch_npu.npu_apply_rotary_pos_emb", VENDOR, self.rope_apply_rotary_pos_emb,
                    self.supports_apply_rotary_pos_emb),
             Kernel("rope", "torch_npu.npu_rotary_mul", VENDOR, self.rope_rotary_mul, self.supports_rotary_mul),

@@ -3,7 +3,15 @@
 function(glmrt_add_cpu_module)
   pybind11_add_module(_native_cpu MODULE
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/module.cpp
-    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/norm.cpp)
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/norm.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/layernorm.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/add_norm.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/rope.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/attention.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/rows.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/bind_layers.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/gemv_quant.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/membw.cpp)
   target_include_directories(_native_cpu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu)
   find_package(OpenMP)
   if(OpenMP_CXX_FOUND)

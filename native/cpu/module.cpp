@@ -2,9 +2,15 @@
 // dtype codes, so the module does not link against torch; glmrt wraps them as torch ops.
 #include <pybind11/pybind11.h>
 
+#include "gemv_quant.h"
+#include "membw.h"
 #include "norm.h"
 
 namespace py = pybind11;
+
+namespace glmrt {
+void bind_layer_kernels(py::module_& m);  // bind_layers.cpp: LayerNorm, RoPE, attention
+}
 
 namespace {
 glmrt::DType to_dtype(int code) {
@@ -35,4 +41,42 @@ PYBIND11_MODULE(_native_cpu, m) {
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("weight"), py::arg("w_dtype"), py::arg("out"), py::arg("rows"),
       py::arg("cols"), py::arg("eps"), py::arg("round_before_weight"));
+  glmrt::bind_layer_kernels(m);
+
+  // Weight-only quantized linear: out[M, N] = x[M, K] @ dequant(w)^T (+ bias). See gemv_quant.h for
+  // the formats and the numerics (activations quantized to int8 per block of 32 along K).
+  auto bind_linear = [&m](const char* name, glmrt::QuantFormat fmt, const char* doc) {
+    m.def(
+        name,
+        [fmt](uintptr_t x, int x_dtype, uintptr_t w, uintptr_t scale, int scale_dtype, uintptr_t bias,
+              int bias_dtype, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t group_size) {
+          const glmrt::DType xt = to_dtype(x_dtype), st = to_dtype(scale_dtype);
+          const glmrt::DType bt = bias ? to_dtype(bias_dtype) : glmrt::DType::F32;
+          py::gil_scoped_release release;
+          glmrt::linear_quant(fmt, as_ptr(x), xt, as_ptr(w), as_ptr(scale), st, bias ? as_ptr(bias) : nullptr, bt,
+                              as_ptr(out), M, N, K, group_size);
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("w"), py::arg("scale"), py::arg("scale_dtype"), py::arg("bias"),
+        py::arg("bias_dtype"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"), doc);
+  };
+  bind_linear("linear_int8", glmrt::QuantFormat::Int8,
+              "out[M,N] = x[M,K] @ (w[N,K] int8 * scale)^T + bias; scale [N] (group_size 0) or [N, ceil(K/g)]");
+  bind_linear("linear_int4", glmrt::QuantFormat::Int4,
+              "out[M,N] = x[M,K] @ (unpack(w[N,ceil(K/2)]) * scale)^T + bias; even k in the high nibble");
+  m.def("quant_linear_isa", &glmrt::quant_linear_isa,
+        "Instruction-set path of linear_int8/linear_int4: 'avx512vnni', 'avx2' or 'scalar'");
+  m.def("set_quant_linear_isa", [](const std::string& name) { return glmrt::set_quant_linear_isa(name.c_str()); },
+        py::arg("name"), "Force a path no better than the CPU's (tests/benchmarks); False if unavailable");
+  m.def(
+      "read_stream",
+      [](uintptr_t data, int64_t bytes, int threads) {
+        if (bytes % 64 != 0) throw py::value_error("read_stream: bytes must be a multiple of 64");
+        py::gil_scoped_release release;
+        return glmrt::read_stream(reinterpret_cast<const void*>(data), bytes, threads);
+      },
+      py::arg("data"), py::arg("bytes"), py::arg("threads"),
+      "Read bytes once with wide vector loads on `threads` threads (memory bandwidth probe); returns a checksum "
+      "(the wrapping sum of the 64-bit words)");
+  m.def("read_stream_isa", &glmrt::read_stream_isa, "Vector path of read_stream: avx512, avx2 or scalar");
+  m.def("linear_int8_has_vnni", []() { return std::string(glmrt::quant_linear_isa()) == "avx512vnni"; });
 }

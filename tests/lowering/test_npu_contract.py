@@ -31,6 +31,7 @@ from glmrt.backends.base import REFERENCE, VENDOR, Backend, ProbeResult, Verific
 from glmrt.backends.npu import NPUBackend
 from glmrt.backends.npu import kernels as npu_kernels
 from glmrt.errors import StrictFallbackError
+from glmrt.fusion import RESIDUAL_NORM, backend_accepts, fuse_residual_norm, fused_nodes
 from glmrt.graph import Node, ValueSpec, build_graph
 from glmrt.lowering import execute, lower
 from glmrt.models import PRESETS, config_from_dict
@@ -82,11 +83,14 @@ def meta_weights(graph):
     return {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in graph.params.items()}
 
 
-def plan_of(cfg, dtype, backend=None, quant=None, **kw):
+def plan_of(cfg, dtype, backend=None, quant=None, fuse=False, **kw):
     graph = build_graph(cfg, dtype)
     if quant is not None:
         graph = quantize_graph(graph, *quant)
-    return lower(graph, backend or npu(), meta_weights(graph), **kw)
+    backend = backend or npu()
+    if fuse:  # as glmrt.load fuses for this backend
+        graph = fuse_residual_norm(graph, backend_accepts(backend))
+    return lower(graph, backend, meta_weights(graph), **kw)
 
 
 def step(plan, name_suffix=None, op=None):
@@ -633,12 +637,14 @@ class ReferenceOnCPU(Backend):
         return Verification("run-verified", "it is the reference")
 
 
-def _compare_models(cfg, dtype, quant=None, pad=None, prefix=None, batch=2, T=7, steps=3, tol=None):
+def _compare_models(cfg, dtype, quant=None, pad=None, prefix=None, batch=2, T=7, steps=3, tol=None, fuse=False):
     graph = build_graph(cfg, dtype)
     weights = synthetic_weights(graph)
     if quant is not None:
         qgraph = quantize_graph(graph, *quant)
         weights, graph = quantize_weights(graph, qgraph, weights), qgraph
+    if fuse:  # both plans run the graph glmrt.load would give the npu backend
+        graph = fuse_residual_norm(graph, backend_accepts(npu()))
     ids = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(5))
     npu_plan, cpu_plan = lower(graph, npu(), weights), lower(graph, ReferenceOnCPU(), weights)
     double.reset()
@@ -695,3 +701,65 @@ def test_prefix_mask_through_fused_attention_in_a_whole_model(quant):
     cfg = tiny("glm-130b", attention_scaling="standard")
     _compare_models(cfg, BF16, quant=quant, prefix=[5, 2], pad=[1, 0])
     assert double.calls("npu_fused_infer_attention_score")
+
+
+# ----------------------------------------------------------------------------- npu_add_rms_norm
+def test_fused_residual_rmsnorm_lowers_to_add_rms_norm():
+    plan = plan_of(tiny("chatglm3-6b"), BF16, fuse=True, strict=True)
+    fused = [s for s in plan.steps if s.node.op == RESIDUAL_NORM]
+    assert len(fused) == 4 and {s.impl for s in fused} == {"torch_npu.npu_add_rms_norm"}
+    assert [s.node.name for s in plan.steps if s.node.op == "norm"] == ["layers.0.attn_norm"]
+    assert not [s for s in plan.steps if s.node.op == "residual"]
+
+
+@pytest.mark.parametrize("preset,dtype,soc,why", [
+    ("glm-4-9b-0414", BF16, "Ascend910B3", "before the weight"),  # transformers' rounding
+    ("chatglm-6b", FP16, "Ascend910B3", "layernorm"),
+    ("chatglm3-6b", BF16, "Ascend910A", "not documented for"),  # the original 910
+    ("chatglm3-6b", BF16, "Ascend310P3", "no bfloat16"),
+])
+def test_add_rms_norm_refusals_leave_the_graph_unfused(preset, dtype, soc, why):
+    backend = npu(soc=soc)
+    graph = build_graph(tiny(preset), dtype)
+    node = fused_nodes(fuse_residual_norm(graph))[0]
+    assert why in backend._kernel_set.supports_add_rms_norm(node)
+    assert not fused_nodes(fuse_residual_norm(graph, backend_accepts(backend)))
+
+
+def test_deepnorm_alpha_is_refused_by_name():
+    node = fused_nodes(fuse_residual_norm(build_graph(tiny("chatglm-6b", norm_kind="rmsnorm"), FP16)))[0]
+    assert node.attrs["alpha"] != 1.0
+    assert "alpha" in npu()._kernel_set.supports_add_rms_norm(node)
+
+
+@pytest.mark.parametrize("emit", [True, False])
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16])
+def test_add_rms_norm_kernel_matches_reference(dtype, emit, rng):
+    node = fused_nodes(fuse_residual_norm(build_graph(tiny("chatglm3-6b"), dtype)))[0 if emit else -1]
+    assert node.attrs["emit_residual"] == emit
+    res = torch.randn(2, 5, 512, generator=rng).to(dtype)
+    branch = torch.randn(2, 5, 512, generator=rng).to(dtype)
+    w = (1 + 0.1 * torch.randn(512, generator=rng)).to(dtype)
+    ctx = _ctx(2, 5)
+    got = npu()._kernel_set.add_rms_norm(ctx, node, [res, branch], {"weight": w})
+    want = ops.residual_norm(ctx, node, [res, branch], {"weight": w})
+    if emit:
+        assert torch.equal(got[0], want[0])  # the new residual: the same elementwise sum
+        got, want = got[1], want[1]
+    assert got.dtype == dtype and rel_err(got, want) <= _tolerance(dtype)
+    if dtype != FP32:  # fp32 statistics, one rounding: THUDM's RMSNorm of the rounded sum, to the bit
+        assert torch.equal(got, want)
+    call = double.calls("npu_add_rms_norm")[-1]
+    assert call.args["epsilon"] == node.attrs["eps"] and call.args["gamma"].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16])
+@pytest.mark.parametrize("preset", ["chatglm3-6b", "glm-4-9b", "glm-4-9b-0414"])
+def test_whole_fused_model_matches_the_reference_plan(preset, dtype):
+    plan = _compare_models(tiny(preset), dtype, pad=[0, 2], fuse=True)
+    fused = [s for s in plan.steps if s.node.op == RESIDUAL_NORM]
+    rounds_before = tiny(preset).rmsnorm_round_before_weight and dtype != FP32
+    assert bool(fused) != rounds_before
+    if fused:
+        assert {s.impl for s in fused} == {"torch_npu.npu_add_rms_norm"}
+        assert len(double.calls("npu_add_rms_norm")) == len(fused) * 4  # prefill + 3 decode steps

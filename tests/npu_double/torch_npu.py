@@ -90,6 +90,35 @@ def npu_rms_norm(self: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-06
     return (xf * rstd * gamma.float()).to(x.dtype), rstd
 
 
+def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-06):
+    """npu_add_rms_norm(Tensor x1, Tensor x2, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor, Tensor)
+
+    x = x1 + x2 (the third output), y = x * rsqrt(mean(x^2 over gamma's dims) + eps) * gamma, rstd
+    in fp32. x1, x2: 1-8 dims, one shape, fp16/bf16/fp32; gamma: the trailing dims of x1. (aclnnAddRmsNorm;
+    products: A2, A3 and the inference series, which takes fp32/fp16 only.) The sum is rounded to
+    the input dtype and normalized from the rounded value, as op-plugin's own test reference for the
+    op computes it (fp16: x1 + x2 in fp16, then fp32); gamma in x1's dtype is the double's choice
+    (the documentation lists the same dtypes for both, a mixed pair is not documented)."""
+    CALLS.append(Call("npu_add_rms_norm", dict(x1=x1, x2=x2, gamma=gamma, epsilon=epsilon)))
+    _float_dtype("npu_add_rms_norm x1", x1)
+    _need(x2.dtype == x1.dtype, f"npu_add_rms_norm: x2 dtype {x2.dtype} must equal x1's {x1.dtype}")
+    _need(tuple(x2.shape) == tuple(x1.shape), f"npu_add_rms_norm: x2 shape {tuple(x2.shape)} must equal x1's "
+                                              f"{tuple(x1.shape)}")
+    _need(1 <= x1.dim() <= 8, f"npu_add_rms_norm: x1 must have 1-8 dims, got {x1.dim()}")
+    _need(gamma.dtype == x1.dtype, f"npu_add_rms_norm: gamma dtype {gamma.dtype} must equal x1's {x1.dtype}")
+    _need(tuple(gamma.shape) == tuple(x1.shape[x1.dim() - gamma.dim():]),
+          f"npu_add_rms_norm: gamma shape {tuple(gamma.shape)} is not the trailing dims of x1 {tuple(x1.shape)}")
+    if npu.device_name.startswith("Ascend310"):
+        _need(x1.dtype != torch.bfloat16, "npu_add_rms_norm: the Atlas inference series takes no bfloat16")
+    _need(not npu.device_name.startswith(("Ascend910A", "Ascend910Pro")),
+          f"npu_add_rms_norm is not supported on {npu.device_name} (Atlas training series)")
+    x = x1 + x2  # in the input dtype
+    dims = tuple(range(x.dim() - gamma.dim(), x.dim()))
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + epsilon)
+    return (xf * rstd * gamma.float()).to(x.dtype), rstd, x
+
+
 # ----------------------------------------------------------------------------- rotary embeddings
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

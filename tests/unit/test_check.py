@@ -198,7 +198,7 @@ def test_fallbacks_are_listed_and_strict_fails_them(cases):
     rows = conformance.check_kernels(backend, cases)
     fallbacks = {r.op: r for r in rows if r.status == "fallback"}
     assert set(fallbacks) == {"embedding", "norm", "linear", "rope", "attention", "activation", "lm_head",
-                              "residual"}
+                              "residual", "residual_norm"}
     assert "alpha != 1" in fallbacks["residual"].detail and "no kernel for 'linear'" in fallbacks["linear"].detail
     strict = conformance.check_kernels(backend, cases, strict=True)
     assert {r.op for r in strict if r.status == "FAIL"} == set(fallbacks)

@@ -23,7 +23,9 @@ def test_info_json_lists_every_backend():
 def test_info_with_model_shows_the_plan():
     out = json.loads(run("info", "synthetic:glm-4-9b-0414", "--layers", "1", "--dtype", "bfloat16", "--json").stdout)
     ops = {row["op"] for row in out["plan"]}
-    assert {"embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head"} <= ops
+    assert {"embedding", "norm", "linear", "rope", "attention", "activation", "lm_head"} <= ops
+    # Residuals feeding a norm are fused into residual_norm where the backend has a kernel for it.
+    assert {"residual", "residual_norm"} & ops
     assert all(row["impl"] and row["reason"] for row in out["plan"])
     assert out["backend"]["native"]["built"] in (True, False)
 
@@ -83,7 +85,8 @@ def test_info_backend_shows_capabilities_and_per_op_coverage():
     assert "dtypes: float32, bfloat16, float16" in text and "collectives: gloo" in text
     out = json.loads(run("info", "--backend", "sunway", "--json").stdout)
     ops = {row["op"]: row for row in out["backend"]["ops"]}
-    assert set(ops) == {"embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head"}
+    assert set(ops) == {"embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head",
+                        "residual_norm"}
     if out["backend"]["native"]["built"]:
         assert ops["linear"]["plan"] == "native" and ops["linear"]["kernels"][0]["name"] == "sunway.tiled_linear"
     assert ops["rope"]["plan"] == "vendor"
