@@ -408,14 +408,22 @@ class _GraphDecoder(_StaticDecoder):
         self.logits = None
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocator, lazy kernels) outside the graph
+        # torch.cuda (CUDA and ROCm torch) or torch.npu (torch_npu mirrors the API: NPUGraph,
+        # torch.npu.graph, streams). NPUGraph capture has not run on Ascend hardware; "auto"
+        # therefore captures on CUDA only, and an NPU user opts in with decode_mode="graph".
+        dev = getattr(torch, self.model.device.type, None)
+        graph_cls = getattr(dev, "CUDAGraph", None) or getattr(dev, "NPUGraph", None)
+        if graph_cls is None:
+            raise InputError(f"decode_mode='graph' needs a device with graph capture (CUDA, or Ascend through "
+                             f"torch_npu); {self.model.device.type!r} has none: use decode_mode='static' or 'eager'")
+        side = dev.Stream()
+        side.wait_stream(dev.current_stream())
+        with dev.stream(side):  # warm up (allocator, lazy kernels) outside the graph
             for _ in range(2):
                 self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        dev.current_stream().wait_stream(side)
+        self.graph = graph_cls()
+        with dev.graph(self.graph):
             self.logits = self.run()
 
     def step(self, token, positions, pos):

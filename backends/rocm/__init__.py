@@ -12,6 +12,19 @@ from ..base import Backend, Capabilities, ProbeResult, Verification
 from .kernels import NATIVE_HIP
 
 
+# ISAs only Hygon's DCUs report (DTK targets them; newer DCUs). The Z100 itself reports gfx906
+# like AMD's MI50, so the device name decides there.
+HYGON_ARCHS = ("gfx926", "gfx928", "gfx936")
+
+
+def is_hygon(device_name: str, gcn_arch: str) -> bool:
+    """Whether a HIP device is a Hygon DCU: from its name (DTK names them "DCU ..." or "Hygon ...")
+    or from an ISA only Hygon parts report. gcn_arch may carry feature suffixes ("gfx906:sramecc+")."""
+    base = gcn_arch.split(":")[0].strip().lower()
+    name = device_name.lower()
+    return "hygon" in name or "dcu" in name.split() or base in HYGON_ARCHS
+
+
 class ROCmBackend(Backend):
     name = "rocm"
     aliases = ("dcu", "hip")
@@ -25,8 +38,10 @@ class ROCmBackend(Backend):
         try:
             if not torch.cuda.is_available():
                 return ProbeResult(False, f"HIP {hip} torch sees no GPU (check HIP_VISIBLE_DEVICES and the driver)")
+            name = torch.cuda.get_device_name(0)
             arch = torch.cuda.get_device_properties(0).gcnArchName
-            return ProbeResult(True, f"{torch.cuda.get_device_name(0)} ({arch}), HIP {hip}")
+            vendor = "a Hygon DCU" if is_hygon(name, arch) else "an AMD GPU"
+            return ProbeResult(True, f"{name} ({arch}, {vendor}), HIP {hip}")
         except Exception as exc:  # noqa: BLE001
             return ProbeResult(False, f"HIP initialisation failed: {exc}")
 

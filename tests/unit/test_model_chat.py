@@ -119,3 +119,13 @@ def test_static_decode_equals_eager_decode(raw, tmp_path):
     static = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
     again = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # reuses the kept cache
     assert torch.equal(eager, static) and torch.equal(static, again)
+
+
+def test_graph_decode_on_a_device_without_graph_capture_says_what_to_use(tmp_path):
+    write_random_checkpoint(tmp_path, TINY_GLM4)
+    model = glmrt.load(tmp_path, progress=False)
+    if model.device.type in ("cuda", "npu"):
+        pytest.skip("this device has graph capture")
+    model.decode_mode = "graph"
+    with pytest.raises(glmrt.errors.InputError, match="decode_mode='static' or 'eager'"):
+        model.generate(torch.tensor([[5, 6, 7]]), 3, eos_token_id=[])

@@ -62,3 +62,12 @@ def test_import_glmrt_does_not_import_vendor_modules():
     code = "import sys, glmrt; glmrt.list_backends(); print([m for m in ('torch_npu', 'swDeepSpeed', 'deepspeed') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rocm_tells_hygon_dcus_from_amd_gpus():
+    from glmrt.backends.rocm import is_hygon
+    assert is_hygon("DCU Z100L", "gfx906:sramecc-:xnack-")
+    assert is_hygon("Hygon K100_AI", "gfx928")
+    assert is_hygon("", "gfx936:sramecc+")  # an ISA only Hygon reports
+    assert not is_hygon("AMD Instinct MI50", "gfx906:sramecc+:xnack-")  # the same ISA as the Z100
+    assert not is_hygon("AMD Instinct MI250X", "gfx90a")
