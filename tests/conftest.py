@@ -5,6 +5,11 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Subprocesses the tests start (`python -m glmrt ...`, `python -c ...`) run in the repository root;
+# without this, Python 3.11+ would put that directory first on sys.path and import the source tree
+# (no compiled modules) instead of the installed package the tests check.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
 
 @pytest.fixture
 def rng():
