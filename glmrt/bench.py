@@ -420,9 +420,10 @@ def gpu_info() -> list[dict]:
     return out
 
 
-def git_commit() -> dict:
-    """The commit of the checkout glmrt was imported from ("unknown" for an installed copy)."""
-    package_dir = Path(__file__).resolve().parent
+def git_commit(package_dir: Path | None = None) -> dict:
+    """The commit of the checkout glmrt was imported from, else the one an installed copy was built
+    from, else "unknown"."""
+    package_dir = package_dir or Path(__file__).resolve().parent
 
     def git(*cmd: str) -> str | None:
         try:
@@ -433,8 +434,17 @@ def git_commit() -> dict:
 
     top = git("rev-parse", "--show-toplevel")
     # An installed copy may sit inside some other repository (a .venv in a checkout): only a
-    # checkout whose root holds this very package counts.
+    # checkout whose root holds this very package counts. An installed copy carries the commit
+    # it was built from (glmrt/_build_info.json, written by CMake).
     if not top or Path(top).resolve() != package_dir.parent:
+        try:
+            info = json.loads((package_dir / "_build_info.json").read_text(encoding="utf-8"))
+            commit = str(info.get("commit", "unknown"))
+            if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit):
+                dirty = info.get("dirty")
+                return {"commit": commit, "dirty": dirty if isinstance(dirty, bool) else None}
+        except (OSError, ValueError, AttributeError):
+            pass
         return {"commit": "unknown", "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(status) if status is not None else None}

@@ -302,3 +302,14 @@ def test_summarize_timings_from_token_times():
     assert s["decode_tokens_per_s"]["mean"] == pytest.approx(2 / s["tpot_s"]["mean"])
     assert s["prefill_tokens_per_s"]["values"] == pytest.approx([32.0, 40.0])
     assert s["tpot_s"]["p50"] == pytest.approx(0.1)
+
+
+def test_an_installed_copy_reports_the_commit_it_was_built_from(tmp_path):
+    from glmrt.bench import git_commit
+    package = tmp_path / "site-packages" / "glmrt"
+    package.mkdir(parents=True)
+    assert git_commit(package) == {"commit": "unknown", "dirty": None}  # no checkout, no build info
+    (package / "_build_info.json").write_text('{"commit": "' + "ab" * 20 + '", "dirty": false}')
+    assert git_commit(package) == {"commit": "ab" * 20, "dirty": False}
+    (package / "_build_info.json").write_text('{"commit": "not-a-sha", "dirty": true}')
+    assert git_commit(package)["commit"] == "unknown"
