@@ -585,13 +585,13 @@ def _print_table(result: dict, rows: list[Row], failed: list[Row]) -> None:
               f"{'; strict: fallbacks fail' if result['strict'] else ''}\n")
     else:
         print(f"  kernels not checked (--no-kernels){'; strict: fallbacks fail' if result['strict'] else ''}\n")
-    header = f"{'op':<11} {'kernel':<26} {'kind':<9} {'cases':>6} {'max error':>10} {'tolerance':>10}  status"
+    header = f"{'op':<13} {'kernel':<26} {'kind':<9} {'cases':>6} {'max error':>10} {'tolerance':>10}  status"
     print(header)
     print("-" * len(header))
     for r in rows:
         err = "-" if r.status in ("skip", "fallback") or r.op == "model" and r.kernel == "plan" else f"{r.error:.3g}"
         tol = "-" if err == "-" else f"{r.tolerance:.3g}"
-        print(f"{r.op:<11} {r.kernel:<26} {r.kind:<9} {r.cases:>6} {err:>10} {tol:>10}  {r.status}")
+        print(f"{r.op:<13} {r.kernel:<26} {r.kind:<9} {r.cases:>6} {err:>10} {tol:>10}  {r.status}")
     notes = [r for r in rows if r.detail and (r.status != "pass" or r.op == "model")]
     if notes:
         print()
