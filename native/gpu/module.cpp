@@ -16,6 +16,7 @@
 
 #include "gemv_quant.h"
 #include "norm.h"
+#include "rope.h"
 
 #ifndef GLMRT_GPU_MODULE
 #error "GLMRT_GPU_MODULE (the Python module name) must be defined by the build"
@@ -82,6 +83,60 @@ PYBIND11_MODULE(GLMRT_GPU_MODULE, m) {
       py::arg("x"), py::arg("x_dtype"), py::arg("weight"), py::arg("w_dtype"), py::arg("out"), py::arg("rows"),
       py::arg("cols"), py::arg("eps"), py::arg("round_before_weight"), py::arg("device"), py::arg("stream"),
       "out[rows, cols] = RMSNorm(x) * weight (fp32 math); see native/gpu/norm.h for the two rounding conventions");
+
+  m.def(
+      "layer_norm",
+      [](uintptr_t x, int x_dtype, uintptr_t w, int w_dtype, uintptr_t bias, int b_dtype, uintptr_t out, int64_t rows,
+         int64_t cols, float eps, int device, uintptr_t stream) {
+        const char* error;
+        {
+          py::gil_scoped_release release;
+          error = gpu::layer_norm(as_ptr(x), x_dtype, as_ptr(w), w_dtype, bias ? as_ptr(bias) : nullptr, b_dtype,
+                                  as_out(out), rows, cols, eps, device, as_out(stream));
+        }
+        check(error, "layer_norm");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("weight"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"),
+      py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("device"), py::arg("stream"),
+      "out[rows, cols] = LayerNorm(x) * weight + bias (fp32 math, rounded once); bias 0 = none");
+
+  m.def(
+      "residual_rms_norm",
+      [](uintptr_t residual, uintptr_t branch, int x_dtype, float alpha, uintptr_t w, int w_dtype, uintptr_t h_out,
+         uintptr_t out, int64_t rows, int64_t cols, float eps, bool round_before_weight, int device,
+         uintptr_t stream) {
+        const char* error;
+        {
+          py::gil_scoped_release release;
+          error = gpu::residual_rms_norm(as_ptr(residual), as_ptr(branch), x_dtype, alpha, as_ptr(w), w_dtype,
+                                         h_out ? as_out(h_out) : nullptr, as_out(out), rows, cols, eps,
+                                         round_before_weight, device, as_out(stream));
+        }
+        check(error, "residual_rms_norm");
+      },
+      py::arg("residual"), py::arg("branch"), py::arg("x_dtype"), py::arg("alpha"), py::arg("weight"),
+      py::arg("w_dtype"), py::arg("h_out"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("eps"),
+      py::arg("round_before_weight"), py::arg("device"), py::arg("stream"),
+      "h = branch + residual * alpha (rounded as torch does, in x's dtype), written to h_out (0 = not written); "
+      "out = RMSNorm(h) * weight, see native/gpu/norm.h");
+
+  m.def(
+      "rope_interleaved",
+      [](uintptr_t qkv, int dtype, uintptr_t cos, uintptr_t sin, uintptr_t q_out, uintptr_t k_out, int64_t rows,
+         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, int device, uintptr_t stream) {
+        const char* error;
+        {
+          py::gil_scoped_release release;
+          error = gpu::rope_interleaved(as_ptr(qkv), dtype, as_ptr(cos), as_ptr(sin), as_out(q_out), as_out(k_out),
+                                        rows, num_heads, num_kv_heads, head_dim, rotary_dim, device, as_out(stream));
+        }
+        check(error, "rope_interleaved");
+      },
+      py::arg("qkv"), py::arg("dtype"), py::arg("cos"), py::arg("sin"), py::arg("q_out"), py::arg("k_out"),
+      py::arg("rows"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"),
+      py::arg("device"), py::arg("stream"),
+      "q_out, k_out = the q and k heads of qkv[rows, (nh + 2 nkv) * hd], interleaved rotary on the first "
+      "rotary_dim dims with cos / sin [rows, rotary_dim / 2]; see native/gpu/rope.h");
 
   auto bind_linear = [&m](const char* name, int bits, const char* doc) {
     m.def(

@@ -1,4 +1,4 @@
-// RMSNorm for CUDA and HIP. Host-side declaration only: no GPU header needed to call it.
+// RMSNorm, LayerNorm and residual add + RMSNorm for CUDA and HIP. Host-side declaration only: no GPU header needed to call it.
 #pragma once
 #include <cstdint>
 
@@ -17,6 +17,21 @@ namespace gpu {
 // Returns nullptr when the launch was queued, else the runtime's error message.
 const char* rms_norm(const void* x, int x_dtype, const void* weight, int w_dtype, void* out, int64_t rows,
                      int64_t cols, float eps, bool round_before_weight, int device, void* stream);
+
+// out[r, :] = LayerNorm(x[r, :]) * weight + bias (bias may be null: none). Mean and biased
+// variance (two passes, no cancellation) in fp32, then (x - mean) / sqrt(var + eps) * weight + bias
+// in fp32, rounded once to x's dtype (torch's layer_norm on half inputs; ChatGLM-6B, GLM-130B).
+// weight and bias have their own dtype codes.
+const char* layer_norm(const void* x, int x_dtype, const void* weight, int w_dtype, const void* bias, int b_dtype,
+                       void* out, int64_t rows, int64_t cols, float eps, int device, void* stream);
+
+// The fused residual + RMSNorm of glmrt.fusion: h = branch + residual * alpha in x_dtype exactly
+// as torch computes it on two tensors of that dtype (residual * alpha rounded to x_dtype unless
+// alpha is 1, then the sum rounded), written to h_out unless h_out is null; out = RMSNorm(h) *
+// weight with the conventions of rms_norm. residual, branch, h_out and out share x_dtype.
+const char* residual_rms_norm(const void* residual, const void* branch, int x_dtype, float alpha, const void* weight,
+                              int w_dtype, void* h_out, void* out, int64_t rows, int64_t cols, float eps,
+                              bool round_before_weight, int device, void* stream);
 
 }  // namespace gpu
 }  // namespace glmrt

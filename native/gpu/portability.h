@@ -100,6 +100,16 @@ __device__ __forceinline__ gpu_lane_mask_t gpu_ballot(int predicate) {
 }
 #endif
 
+// fp32 product / sum rounded on its own: the compiler may not contract them into an FMA (which
+// would skip a rounding torch does, e.g. of residual * alpha before the add).
+#if defined(GLMRT_PLATFORM_EMULATE)
+inline float gpu_mul_rn(float a, float b) { volatile float p = a * b; return p; }
+inline float gpu_add_rn(float a, float b) { volatile float s = a + b; return s; }
+#else
+__device__ __forceinline__ float gpu_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float gpu_add_rn(float a, float b) { return __fadd_rn(a, b); }
+#endif
+
 #if !defined(GLMRT_PLATFORM_EMULATE)
 // kernel<<<grid, block, shared bytes, stream>>>(args), spelled so that the CPU emulation can
 // define it too: GLMRT_LAUNCH(grid, block, smem, stream, kernel<T, ...>)(args...).

@@ -26,6 +26,13 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
    * RMSNorm vs glmrt.ops.norm, every dtype, odd widths (1, 7, 100, 257, 4096, 13696), both
      rounding conventions, a float32 weight under half activations; within one ulp of the output
      dtype (the sum of squares is reduced in another order).
+   * LayerNorm (with and without bias, a float32 weight under half activations) vs
+     glmrt.ops.norm, within one ulp of the output dtype.
+   * Fused residual + RMSNorm vs glmrt.ops.residual_norm: h bit for bit (the same two roundings),
+     norm(h) within one ulp, alpha 1 and a DeepNorm alpha, emit_residual on and off.
+   * Interleaved partial RoPE (fused qkv split) vs glmrt.ops.rope: q, k bit for bit (the kernel
+     rounds each product and sum as torch does), v the same view; GQA head counts, partial and
+     full rotary, every dtype.
    * W8A16 / W4A16 GEMV on EXACT data: small-integer activations, the full int8 / int4 ranges,
      power-of-two scales and integer biases make every partial sum exact in fp32, so the kernel
      must equal the float64 reference rounded once to the output dtype, bit for bit, over
@@ -139,7 +146,8 @@ def test_backend_registers_the_module_it_has(platform):
     assert info["built"] is True and info["module"] == f"glmrt.{name}"
     assert info["archs"] == list(module.archs()) and info["archs"]
     assert info["platform"] == platform
-    assert {"native.rms_norm", "native.quant_gemv"} <= names
+    assert {"native.rms_norm", "native.layer_norm", "native.residual_rms_norm", "native.rope_interleaved",
+            "native.quant_gemv"} <= names
 
 
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
@@ -156,6 +164,22 @@ def test_argument_errors_are_raised_before_touching_a_device(platform):
         module.rms_norm(1, 0, 1, 5, 1, 1, 8, 1e-5, False, 0, 0)
     module.linear_int8(0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 64, 0, 0, 0)  # M = 0: nothing to do, no launch
     module.rms_norm(0, 1, 0, 1, 0, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
+    with pytest.raises(RuntimeError, match="layer_norm: dtype"):
+        module.layer_norm(1, 0, 1, 0, 1, 9, 1, 1, 8, 1e-5, 0, 0)  # a bias dtype code 9
+    module.layer_norm(1, 0, 1, 0, 0, 9, 1, 0, 8, 1e-5, 0, 0)  # no bias: its code is not read; rows = 0
+    with pytest.raises(RuntimeError, match="residual_rms_norm: dtype"):
+        module.residual_rms_norm(1, 1, 3, 1.0, 1, 0, 0, 1, 1, 8, 1e-5, False, 0, 0)
+    with pytest.raises(RuntimeError, match="rows and cols"):
+        module.residual_rms_norm(1, 1, 0, 1.0, 1, 0, 0, 1, -1, 8, 1e-5, False, 0, 0)
+    module.residual_rms_norm(0, 0, 1, 1.0, 0, 1, 0, 0, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
+    #                      qkv d cos sin q  k  rows nh nkv hd rd device stream
+    with pytest.raises(RuntimeError, match="rotary_dim"):
+        module.rope_interleaved(1, 1, 1, 1, 1, 1, 1, 2, 1, 128, 130, 0, 0)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        module.rope_interleaved(1, 1, 1, 1, 1, 1, 1, 2, 1, 7, 4, 0, 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        module.rope_interleaved(1, 3, 1, 1, 1, 1, 1, 2, 1, 128, 64, 0, 0)
+    module.rope_interleaved(0, 1, 0, 0, 0, 0, 0, 32, 2, 128, 64, 0, 0)  # rows = 0
     assert module.GEMV_ROWS_PER_LAUNCH == 4
     assert module.runtime_version() > 0
 
@@ -164,6 +188,25 @@ def norm_node(cols, dtype, round_before_weight, kind="rmsnorm", lead=("B", "T"))
     return Node("n", "norm", ["x"], ["y"], {"weight": "w"},
                 attrs=dict(kind=kind, eps=1e-5, round_before_weight=round_before_weight),
                 input_specs=[ValueSpec((*lead, cols), dtype)], output_specs=[ValueSpec((*lead, cols), dtype)])
+
+
+def residual_norm_node(cols, dtype, round_before_weight, alpha=1.0, emit_residual=True, kind="rmsnorm",
+                       branch_dtype=None, lead=("B", "T")):
+    spec = ValueSpec((*lead, cols), dtype)
+    branch = ValueSpec((*lead, cols), branch_dtype or dtype)
+    outputs = (["h"] if emit_residual else []) + ["y"]
+    return Node("r+n", "residual_norm", ["res", "branch"], outputs, {"weight": "w"},
+                attrs=dict(alpha=alpha, kind=kind, eps=1e-5, round_before_weight=round_before_weight,
+                           emit_residual=emit_residual),
+                input_specs=[spec, branch], output_specs=[spec] * len(outputs))
+
+
+def rope_node(nh, nkv, hd, rd, dtype, kind="interleaved", lead=("B", "T")):
+    return Node("layers.0.rope", "rope", ["qkv"], ["q", "k", "v"], {},
+                attrs=dict(kind=kind, rotary_dim=rd, head_dim=hd, num_heads=nh, num_kv_heads=nkv, base=10000.0,
+                           table_dtype="float32"),
+                input_specs=[ValueSpec((*lead, (nh + 2 * nkv) * hd), dtype)],
+                output_specs=[ValueSpec((*lead, n, hd), dtype) for n in (nh, nkv, nkv)])
 
 
 def linear_node(k, n, dtype, bits, group, bias=True, lead=("B", "T")):
@@ -184,6 +227,35 @@ def test_supports_predicates():
         assert norm_ok(norm_node(7, dtype, False)) is None
     assert "RMSNorm" in norm_ok(norm_node(64, torch.float32, False, kind="layernorm"))
     assert "float64" in norm_ok(norm_node(64, torch.float64, False))
+    ln_ok, rn_ok = NativeGpuKernels.layer_norm_supports, NativeGpuKernels.residual_rms_norm_supports
+    for dtype in DTYPES:
+        assert ln_ok(norm_node(4096, dtype, False, kind="layernorm")) is None
+        assert ln_ok(norm_node(7, dtype, False, kind="layernorm")) is None
+        for rbw in (False, True):
+            assert rn_ok(residual_norm_node(4096, dtype, rbw)) is None
+            assert rn_ok(residual_norm_node(7, dtype, rbw, alpha=(2 * 40) ** 0.5, emit_residual=False)) is None
+    assert "LayerNorm only" in ln_ok(norm_node(64, torch.float32, False))
+    assert "float64" in ln_ok(norm_node(64, torch.float64, False, kind="layernorm"))
+    assert "positive integer" in ln_ok(norm_node("H", torch.float16, False, kind="layernorm"))
+    assert "RMSNorm only" in rn_ok(residual_norm_node(64, torch.bfloat16, False, kind="layernorm"))
+    assert "one dtype" in rn_ok(residual_norm_node(64, torch.bfloat16, False, branch_dtype=torch.float32))
+    assert "float64" in rn_ok(residual_norm_node(64, torch.float64, False))
+    assert "finite" in rn_ok(residual_norm_node(64, torch.float16, False, alpha=float("inf")))
+    rope_ok = NativeGpuKernels.rope_interleaved_supports
+    for dtype in DTYPES:
+        assert rope_ok(rope_node(32, 2, 128, 64, dtype)) is None  # ChatGLM2/3, GLM-4
+        assert rope_ok(rope_node(3, 1, 8, 8, dtype)) is None  # full rotary
+    assert "interleaved" in rope_ok(rope_node(32, 2, 128, 64, torch.bfloat16, kind="half"))
+    assert "interleaved" in rope_ok(rope_node(32, 32, 128, 64, torch.float16, kind="2d"))
+    assert "even" in rope_ok(rope_node(4, 1, 128, 130, torch.bfloat16))
+    assert "even" in rope_ok(rope_node(4, 1, 7, 4, torch.bfloat16))
+    assert "float64" in rope_ok(rope_node(4, 1, 128, 64, torch.float64))
+    bad_width = rope_node(4, 1, 128, 64, torch.bfloat16)
+    bad_width.input_specs[0] = ValueSpec(("B", "T", 100), torch.bfloat16)
+    assert "qkv width" in rope_ok(bad_width)
+    shape_mismatch = residual_norm_node(64, torch.float16, False)
+    shape_mismatch.input_specs[1] = ValueSpec((1, 64), torch.float16)
+    assert "shape" in rn_ok(shape_mismatch)
     for bits in (8, 4):
         for group in (0, 32, 64, 128):
             assert linear_ok(linear_node(4096, 4608, torch.bfloat16, bits, group)) is None
@@ -215,9 +287,38 @@ def test_plan_for_a_quantized_graph_picks_the_native_kernels(platform):
     for step in plan.steps:
         if step.node.op == "norm":
             assert step.impl == "native.rms_norm", step.reason
+        assert step.node.op != "residual_norm"  # lower() alone does not fuse
         if step.node.op == "linear" and "quant" in step.node.attrs:
             assert step.impl == "native.quant_gemv", step.reason
     assert by_node and any(s.impl == "native.quant_gemv" for s in plan.steps)
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_fused_plans_use_the_native_norm_kernels(platform):
+    """glmrt.api.plan fuses residual + norm where native.residual_rms_norm takes the node (RMSNorm
+    models), and leaves LayerNorm models' nodes separate, on native.layer_norm."""
+    from glmrt.api import plan as plan_for
+
+    module, why = _module_for(platform)
+    if module is None:
+        pytest.skip(f"glmrt.{PLATFORMS[platform][0]} is not built: {why}")
+    backend = PLATFORMS[platform][1]
+    plan = plan_for("synthetic:glm-4-9b-0414", backend=backend, layers=1)
+    ops_seen = {s.node.op for s in plan.steps}
+    assert "residual_norm" in ops_seen and "residual" not in ops_seen
+    for step in plan.steps:
+        if step.node.op == "residual_norm":
+            assert step.impl == "native.residual_rms_norm", step.reason
+        if step.node.op == "norm":
+            assert step.impl == "native.rms_norm", step.reason
+        if step.node.op == "rope":
+            assert step.impl == "native.rope_interleaved", step.reason
+    plan = plan_for("synthetic:chatglm-6b", backend=backend, layers=1)
+    ropes = [s for s in plan.steps if s.node.op == "rope"]  # 2-D RoPE: not the native kernel's
+    assert ropes and all(s.impl != "native.rope_interleaved" and "native.rope_interleaved" in s.reason for s in ropes)
+    norms = [s for s in plan.steps if s.node.op == "norm"]
+    assert norms and all(s.impl == "native.layer_norm" for s in norms), [(s.impl, s.reason) for s in norms]
+    assert not [s for s in plan.steps if s.node.op == "residual_norm"]
 
 
 # ============================================================================= part 2: on a GPU
@@ -290,6 +391,90 @@ def test_rms_norm_large_values_do_not_overflow_the_fp32_sum():
     w = torch.ones(4096, device="cuda", dtype=torch.float16)
     got = kernel.fn(None, norm_node(4096, torch.float16, True), [x], {"weight": w})
     torch.testing.assert_close(got.float(), torch.ones_like(got, dtype=torch.float32), atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------ LayerNorm
+@needs_gpu
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_matches_reference(dtype, bias):
+    kernel = _kernels()["native.layer_norm"]
+    g = torch.Generator().manual_seed(2)
+    for shape in NORM_SHAPES:
+        node = norm_node(shape[-1], dtype, False, kind="layernorm")
+        assert kernel.supports(node) is None
+        x = (3 * torch.randn(shape, generator=g) + 1.5).to(dtype).cuda()
+        params = {"weight": (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(dtype).cuda()}
+        if bias:
+            params["bias"] = (0.3 * torch.randn(shape[-1], generator=g)).to(dtype).cuda()
+        got = kernel.fn(None, node, [x], params)
+        want = ops.norm(None, node, [x], params)
+        _assert_within_one_ulp(got, want, dtype, f"layer_norm {shape} {dtype} bias={bias}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_float32_weight_and_bias_under_half_activations(dtype):
+    kernel = _kernels()["native.layer_norm"]
+    x = torch.randn(2, 3, 4096, device="cuda").to(dtype)
+    params = {"weight": 1 + 0.1 * torch.randn(4096, device="cuda"), "bias": 0.1 * torch.randn(4096, device="cuda")}
+    node = norm_node(4096, dtype, False, kind="layernorm")
+    got = kernel.fn(None, node, [x], params)
+    want = ops.norm(None, node, [x], params)
+    _assert_within_one_ulp(got, want, dtype, "fp32 weight and bias")
+
+
+# ------------------------------------------------------------------------ residual + RMSNorm
+@needs_gpu
+@pytest.mark.parametrize("alpha", [1.0, (2 * 28) ** 0.5], ids=["alpha1", "deepnorm"])
+@pytest.mark.parametrize("round_before_weight", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_rms_norm_matches_reference(dtype, round_before_weight, alpha):
+    kernel = _kernels()["native.residual_rms_norm"]
+    g = torch.Generator().manual_seed(3)
+    for shape in NORM_SHAPES:
+        for emit in (True, False):
+            node = residual_norm_node(shape[-1], dtype, round_before_weight, alpha=alpha, emit_residual=emit)
+            assert kernel.supports(node) is None
+            res = (3 * torch.randn(shape, generator=g)).to(dtype).cuda()
+            branch = torch.randn(shape, generator=g).to(dtype).cuda()
+            w = {"weight": (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(dtype).cuda()}
+            got = kernel.fn(None, node, [res, branch], w)
+            want = ops.residual_norm(None, node, [res, branch], w)
+            what = f"residual_rms_norm {shape} {dtype} rbw={round_before_weight} alpha={alpha} emit={emit}"
+            if emit:
+                assert torch.equal(got[0], want[0]), f"{what}: h {_first_mismatch(got[0], want[0])}"
+                got, want = got[1], want[1]
+            _assert_within_one_ulp(got, want, dtype, what)
+
+
+# ------------------------------------------------------------------------------------- RoPE
+ROPE_CASES = [(1, 1, 1, 1, 2, 2), (2, 3, 4, 2, 8, 4), (1, 5, 32, 2, 128, 64), (2, 2, 6, 6, 64, 64),
+              (1, 4, 3, 1, 96, 32)]  # (B, T, nh, nkv, hd, rotary_dim)
+
+
+def _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, device="cpu"):
+    qkv = (2 * torch.randn(b, t, (nh + 2 * nkv) * hd, generator=g)).to(dtype).to(device)
+    positions = (torch.arange(t)[None, :] + torch.randint(0, 3000, (b, 1), generator=g)).to(device)  # (B, T)
+    return qkv, positions
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_interleaved_matches_reference(dtype):
+    kernel = _kernels()["native.rope_interleaved"]
+    g = torch.Generator().manual_seed(4)
+    for b, t, nh, nkv, hd, rd in ROPE_CASES:
+        node = rope_node(nh, nkv, hd, rd, dtype)
+        assert kernel.supports(node) is None
+        qkv, positions = _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, device="cuda")
+        ctx = ops.ForwardContext(positions=positions, allowed=None)
+        got = kernel.fn(ctx, node, [qkv], {})
+        want = ops.rope(ops.ForwardContext(positions=positions, allowed=None), node, [qkv], {})
+        for name, x, y in zip("qkv", got, want):
+            assert x.shape == y.shape and x.dtype == y.dtype, name
+            assert torch.equal(x, y), f"rope {name} B{b} T{t} nh{nh} nkv{nkv} hd{hd} rd{rd} {dtype}: {_first_mismatch(x, y)}"
+        assert len(ctx.memo) == 1  # the tables are memoized for the other layers, as ops.rope does
 
 
 # ------------------------------------------------------------------------------- W8A16 / W4A16
@@ -539,7 +724,7 @@ def _build_emulated(out_dir: Path) -> dict:
                f"-I{GPU_SOURCES}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
                "-DGLMRT_PLATFORM_EMULATE=1", f"-DGLMRT_EMULATE_WARP_SIZE={warp}", f"-DGLMRT_GPU_MODULE={name}",
                '-DGLMRT_GPU_PLATFORM="emulated"', f'-DGLMRT_GPU_ARCHS="emulated-w{warp}"',
-               "-x", "c++", *(str(GPU_SOURCES / f) for f in ("norm.cu", "gemv_quant.cu", "runtime.cu")),
+               "-x", "c++", *(str(GPU_SOURCES / f) for f in ("norm.cu", "gemv_quant.cu", "rope.cu", "runtime.cu")),
                "-x", "none", str(GPU_SOURCES / "module.cpp"), "-o", str(out_dir / f"{name}{suffix}")]
         procs[warp] = (name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     out = {}
@@ -630,3 +815,113 @@ def test_emulated_rms_norm(emulated, round_before_weight):
             _within_timeout(emulated.rms_norm, x.data_ptr(), CODES[dtype], w.data_ptr(), CODES[dtype], out.data_ptr(),
                             x.numel() // shape[-1], shape[-1], 1e-5, round_before_weight, 0, 0)
             _assert_within_one_ulp(out, want, dtype, f"emulated rms_norm {shape} {dtype}")
+
+
+def _independent_layer_norm(x, w, b, eps):
+    """LayerNorm written out in float64 statistics, fp32 output math, one rounding."""
+    xf = x.double()
+    mean = xf.mean(-1, keepdim=True)
+    var = ((xf - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xf - mean) / torch.sqrt(var + eps)).float() * w.float()
+    if b is not None:
+        y = y + b.float()
+    return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_emulated_layer_norm(emulated, bias):
+    g = torch.Generator().manual_seed(6)
+    for dtype in DTYPES:
+        for w_dtype in {dtype, torch.float32}:
+            for shape in [(1, 1, 1), (1, 3, 7), (2, 1, 257), (1, 1, 4096)]:
+                x = (3 * torch.randn(shape, generator=g) + 2).to(dtype)
+                w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(w_dtype)
+                b = (0.3 * torch.randn(shape[-1], generator=g)).to(w_dtype) if bias else None
+                want = _independent_layer_norm(x, w, b, 1e-5)
+                out = torch.empty_like(x)
+                _within_timeout(emulated.layer_norm, x.data_ptr(), CODES[dtype], w.data_ptr(), CODES[w_dtype],
+                                b.data_ptr() if b is not None else 0, CODES[w_dtype] if b is not None else 0,
+                                out.data_ptr(), x.numel() // shape[-1], shape[-1], 1e-5, 0, 0)
+                _assert_within_one_ulp(out, want, dtype, f"emulated layer_norm {shape} {dtype} w {w_dtype}")
+
+
+def _independent_residual_rms_norm(res, branch, w, alpha, eps, round_before_weight):
+    """h: residual * alpha rounded to the dtype (fp32 math), plus branch, rounded again; then RMSNorm
+    with float64 statistics and the two weight conventions."""
+    dtype = res.dtype
+    scaled = res if alpha == 1.0 else (res.float() * torch.tensor(alpha, dtype=torch.float32)).to(dtype)
+    h = (branch.float() + scaled.float()).to(dtype)
+    hf = h.double()
+    normed = (hf / torch.sqrt((hf * hf).mean(-1, keepdim=True) + eps)).float()
+    if round_before_weight:
+        product = torch.promote_types(w.dtype, dtype)
+        y = (w.to(product) * normed.to(dtype).to(product)).to(dtype)
+    else:
+        y = (w.float() * normed).to(dtype)
+    return h, y
+
+
+@pytest.mark.parametrize("alpha", [1.0, (2 * 28) ** 0.5], ids=["alpha1", "deepnorm"])
+@pytest.mark.parametrize("round_before_weight", [False, True])
+def test_emulated_residual_rms_norm(emulated, round_before_weight, alpha):
+    g = torch.Generator().manual_seed(7)
+    for dtype in DTYPES:
+        for shape in [(1, 1, 1), (1, 3, 7), (2, 1, 257), (1, 1, 4096)]:
+            res = (3 * torch.randn(shape, generator=g)).to(dtype)
+            branch = torch.randn(shape, generator=g).to(dtype)
+            w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(dtype)
+            want_h, want_y = _independent_residual_rms_norm(res, branch, w, alpha, 1e-5, round_before_weight)
+            # The independent h is torch's own sum, bit for bit (what the kernel must reproduce).
+            assert torch.equal(want_h, branch + (res * alpha if alpha != 1.0 else res))
+            rows = res.numel() // shape[-1]
+            for emit in (True, False):
+                h = torch.full_like(res, float("nan"))
+                y = torch.empty_like(res)
+                _within_timeout(emulated.residual_rms_norm, res.data_ptr(), branch.data_ptr(), CODES[dtype], alpha,
+                                w.data_ptr(), CODES[dtype], h.data_ptr() if emit else 0, y.data_ptr(), rows,
+                                shape[-1], 1e-5, round_before_weight, 0, 0)
+                what = f"emulated residual_rms_norm {shape} {dtype} alpha={alpha} emit={emit}"
+                if emit:
+                    assert torch.equal(h, want_h), f"{what}: h {_first_mismatch(h, want_h)}"
+                else:
+                    assert bool(h.isnan().all()), f"{what}: h was written though h_out is 0"
+                _assert_within_one_ulp(y, want_y, dtype, what)
+
+
+def _independent_rope(qkv, cos, sin, nh, nkv, hd):
+    """Pair (x[2i], x[2i+1]) of every q and k head rotated by angle i, each product and sum in fp32
+    rounded to the dtype; the dims past 2 * cos.shape[-1] unchanged."""
+    dtype = qkv.dtype
+    rows = qkv.shape[0] * qkv.shape[1]
+    heads = qkv.reshape(rows, nh + 2 * nkv, hd)[:, :nh + nkv].clone()  # (rows, nh + nkv, hd)
+    half = cos.shape[-1]
+    c = cos.reshape(rows, 1, half).float()
+    s = sin.reshape(rows, 1, half).float()
+    x0, x1 = heads[..., 0:2 * half:2].float().clone(), heads[..., 1:2 * half:2].float().clone()
+
+    def r(v):
+        return v.to(dtype).float()
+
+    heads[..., 0:2 * half:2] = (r(x0 * c) - r(x1 * s)).to(dtype)
+    heads[..., 1:2 * half:2] = (r(x1 * c) + r(x0 * s)).to(dtype)
+    return heads[:, :nh], heads[:, nh:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_rope_interleaved(emulated, dtype):
+    g = torch.Generator().manual_seed(8)
+    for b, t, nh, nkv, hd, rd in ROPE_CASES + [(1, 2, 4, 2, 128, 0)]:
+        qkv, positions = _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g)
+        cos, sin = (x.contiguous() for x in ops.rope_tables(positions, rd, 10000.0, dtype, "float32"))
+        want_q, want_k = _independent_rope(qkv, cos, sin, nh, nkv, hd)
+        q = torch.full((b * t, nh, hd), float("nan"), dtype=dtype)
+        k = torch.full((b * t, nkv, hd), float("nan"), dtype=dtype)
+        _within_timeout(emulated.rope_interleaved, qkv.data_ptr(), CODES[dtype], cos.data_ptr(), sin.data_ptr(),
+                        q.data_ptr(), k.data_ptr(), b * t, nh, nkv, hd, rd, 0, 0)
+        what = f"emulated rope B{b} T{t} nh{nh} nkv{nkv} hd{hd} rd{rd} {dtype}"
+        assert torch.equal(q, want_q), f"{what}: q {_first_mismatch(q, want_q)}"
+        assert torch.equal(k, want_k), f"{what}: k {_first_mismatch(k, want_k)}"
+        if rd:  # and the reference op agrees with the independent formula
+            ref_q, ref_k, _ = ops.rope(ops.ForwardContext(positions=positions, allowed=None),
+                                       rope_node(nh, nkv, hd, rd, dtype), [qkv], {})
+            assert torch.equal(ref_q.reshape(b * t, nh, hd), want_q) and torch.equal(ref_k.reshape(b * t, nkv, hd), want_k)
