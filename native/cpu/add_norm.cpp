@@ -29,34 +29,6 @@ void add_in_place(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] + y[i];
 }
 
-// Sixteen partial sums so the reductions vectorise without -ffast-math.
-GLMRT_MULTIVERSION
-float sum_of(const float* x, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j];
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
-}
-
-GLMRT_MULTIVERSION
-float sum_of_squares_about(const float* x, float center, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) {
-      const float d = x[i + j] - center;
-      acc[j] += d * d;
-    }
-  float s = 0.f;
-  for (; i < n; ++i) s += (x[i] - center) * (x[i] - center);
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
-}
-
 GLMRT_MULTIVERSION
 void rms_scale(const float* x, const float* w, float r, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
@@ -100,7 +72,7 @@ void add_norm(const void* residual, const void* branch, DType x_type, float alph
       if (h_out) store_row_f32(h.data(), x_type, static_cast<char*>(h_out) + offset, cols);
 
       if (kind == AddNormKind::RMS) {
-        const float mean = sum_of_squares_about(h.data(), 0.0f, cols) / static_cast<float>(cols);
+        const float mean = row_centered_sum_of_squares(h.data(), 0.0f, cols) / static_cast<float>(cols);
         const float inv = 1.0f / std::sqrt(mean + eps);
         if (!round_before_weight) {
           rms_scale(h.data(), w.data(), inv, y.data(), cols);  // fp32 product, rounded once below
@@ -110,8 +82,8 @@ void add_norm(const void* residual, const void* branch, DType x_type, float alph
         }
       } else {
         // Two-pass mean and biased variance in fp32, as torch's layer_norm.
-        const float mean = sum_of(h.data(), cols) / static_cast<float>(cols);
-        const float var = sum_of_squares_about(h.data(), mean, cols) / static_cast<float>(cols);
+        const float mean = row_sum(h.data(), cols) / static_cast<float>(cols);
+        const float var = row_centered_sum_of_squares(h.data(), mean, cols) / static_cast<float>(cols);
         const float rstd = 1.0f / std::sqrt(std::max(var, 0.0f) + eps);
         ln_affine(h.data(), mean, rstd, w.data(), b.data(), y.data(), cols);
       }

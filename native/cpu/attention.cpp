@@ -146,18 +146,6 @@ void exp_shifted(float* x, float m, int64_t n) {
 }
 
 GLMRT_MULTIVERSION
-float row_sum(const float* x, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j];
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
-}
-
-GLMRT_MULTIVERSION
 void scale_row(float* x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }

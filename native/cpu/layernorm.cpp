@@ -16,34 +16,6 @@ namespace glmrt {
 
 namespace {
 
-// Sixteen partial sums so the loops vectorise without -ffast-math.
-GLMRT_MULTIVERSION
-float row_sum(const float* x, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j];
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
-}
-
-GLMRT_MULTIVERSION
-float centered_sum_of_squares(const float* x, float mean, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) {
-      const float d = x[i + j] - mean;
-      acc[j] += d * d;
-    }
-  float s = 0.f;
-  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
-}
-
 GLMRT_MULTIVERSION
 void affine(const float* x, float mean, float rstd, const float* w, const float* b, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - mean) * rstd) * w[i] + b[i];
@@ -68,7 +40,7 @@ void layer_norm(const void* x, DType x_type, const void* weight, DType w_type, c
       load_row_f32(static_cast<const char*>(x) + r * cols * es, x_type, row.data(), cols);
       // Two-pass mean and biased variance in fp32 (torch: fp32 moments too).
       const float mean = row_sum(row.data(), cols) / static_cast<float>(cols);
-      const float var = centered_sum_of_squares(row.data(), mean, cols) / static_cast<float>(cols);
+      const float var = row_centered_sum_of_squares(row.data(), mean, cols) / static_cast<float>(cols);
       const float rstd = 1.0f / std::sqrt(std::max(var, 0.0f) + eps);
       // ((x - mean) * rstd) * weight + bias in fp32, rounded once. (torch writes the first product
       // as x * rstd - mean * rstd; both are within an fp32 rounding of each other, and x - mean is

@@ -152,4 +152,37 @@ void round_row(float* x, DType t, int64_t n) {
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GLMRT_ROWS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GLMRT_ROWS_MULTIVERSION
+#endif
+
+GLMRT_ROWS_MULTIVERSION
+float row_sum(const float* x, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j];
+  float s = 0.f;
+  for (; i < n; ++i) s += x[i];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+GLMRT_ROWS_MULTIVERSION
+float row_centered_sum_of_squares(const float* x, float center, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float d = x[i + j] - center;
+      acc[j] += d * d;
+    }
+  float s = 0.f;
+  for (; i < n; ++i) s += (x[i] - center) * (x[i] - center);
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
 }  // namespace glmrt
