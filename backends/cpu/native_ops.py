@@ -117,8 +117,9 @@ def add_norm(ctx, node, inputs, params):
     if a["kind"] == "rmsnorm" and bias is not None:
         raise ValueError(f"{node.name}: RMSNorm takes no bias, got one of {tuple(bias.shape)}")
     if a["kind"] == "rmsnorm" and a["round_before_weight"] and torch.promote_types(w.dtype, res.dtype) != res.dtype:
-        raise ValueError(f"{node.name}: RMSNorm weight in {w.dtype} would promote the {res.dtype} output of the "
-                         "reference; load the weights in the model dtype")
+        # The reference's norm output is promoted to the weight's dtype (say float32 under bfloat16
+        # activations); the kernel writes the activation dtype, so the reference runs this node.
+        return ops.residual_norm(ctx, node, inputs, params)
     if bias is not None:
         bias = bias.contiguous()
     emit = a.get("emit_residual", True)

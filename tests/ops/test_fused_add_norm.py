@@ -137,6 +137,20 @@ def test_native_add_norm_errors_name_the_problem():
                         2, 8, 1e-5, 5, False)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_native_add_norm_float32_weight_under_half_activations_gives_the_reference(dtype):
+    # round_before_weight with a float32 weight: the reference's output is promoted to float32,
+    # which the kernel does not write, so the wrapper runs the reference for this node.
+    res, branch, w, _ = _data((2, 3, 40), dtype, False, seed=11)
+    node = fused_node(40, dtype, round_before_weight=True)
+    params = {"weight": w.float()}
+    h, y = _kernel().fn(None, node, [res, branch], params)
+    ref_h, ref_y = ops.residual_norm(None, node, [res, branch], params)
+    assert y.dtype == ref_y.dtype == FP32
+    assert torch.equal(h, ref_h) and torch.equal(y, ref_y)
+
+
 def test_reference_is_the_two_ops_in_sequence():
     res, branch, w, b = _data((2, 3, 33), FP16, True, seed=4)
     for kind, bias in (("rmsnorm", False), ("layernorm", True)):
