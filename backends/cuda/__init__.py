@@ -1,6 +1,6 @@
 """NVIDIA CUDA through torch.cuda: glmrt's native CUDA kernels (glmrt._native_cuda, built from
-native/gpu when nvcc is found: RMSNorm, LayerNorm, fused residual+RMSNorm, interleaved RoPE and the
-W8A16 / W4A16 decode GEMV, see kernels.py), and
+native/gpu when nvcc is found: RMSNorm, LayerNorm, fused residual+RMSNorm / +LayerNorm, the three
+RoPE kinds (interleaved, half, 2-D) and the W8A16 / W4A16 decode GEMV, see kernels.py), and
 torch's CUDA ops (cuBLAS / cuDNN through ATen) for everything else."""
 
 from __future__ import annotations

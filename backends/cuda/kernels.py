@@ -6,19 +6,30 @@ One kernel source tree is compiled twice: as CUDA into ``glmrt._native_cuda`` an
 
 Kernels:
   * ``native.rms_norm`` (op ``norm``): RMSNorm, fp32 math, both rounding conventions
-    (``round_before_weight``), fp32 / bf16 / fp16, any width.
+    (``round_before_weight``), fp32 / bf16 / fp16, any width. The output has glmrt.ops.norm's dtype:
+    the activations', except that with ``round_before_weight`` it is torch's product weight *
+    normed.to(x dtype), so an fp32 weight under bf16 / fp16 activations gives an fp32 output (the
+    kernel stores the fp32 product, as the reference returns it).
   * ``native.layer_norm`` (op ``norm``, kind ``layernorm``): LayerNorm with optional bias
-    (ChatGLM-6B, GLM-130B), fp32 math rounded once, fp32 / bf16 / fp16, any width.
-  * ``native.residual_rms_norm`` (op ``residual_norm``, the node glmrt.fusion makes): h = branch +
-    residual * alpha rounded as torch rounds it in the model dtype, then RMSNorm(h) with either
-    rounding convention, in one pass over the row; writes h only when the node emits it. Only
-    RMSNorm nodes whose residual and branch share one dtype and shape (supports() refuses the
-    rest, so LayerNorm models keep their two separate nodes).
-  * ``native.rope_interleaved`` (op ``rope``, kind ``interleaved``: ChatGLM2/3, GLM-4): the split of
-    the fused qkv and the GPT-J-pairing partial rotary of q and k in one launch, each product and
-    sum rounded to the model dtype as torch rounds them (so q and k equal glmrt.ops.rope bit for
-    bit); the cos / sin tables are glmrt.ops.rope_tables', shared per step through ctx.memo. The
-    NeoX-pairing and 2-D (ChatGLM-6B) kinds are refused and run the reference op.
+    (ChatGLM-6B, GLM-130B), fp32 math rounded once, fp32 / bf16 / fp16, any width; the output keeps
+    the activations' dtype whatever the weight's (what torch's CPU layer_norm gives for an fp32
+    weight and bias under half activations; CUDA torch releases have refused that mix).
+  * ``native.residual_rms_norm`` / ``native.residual_layer_norm`` (op ``residual_norm``, the node
+    glmrt.fusion makes): h = branch + residual * alpha rounded as torch rounds it in the model dtype
+    (DeepNorm's alpha of ChatGLM-6B / GLM-130B included), then RMSNorm(h) (either rounding
+    convention, output dtype as native.rms_norm) or LayerNorm(h) with optional bias, in one launch;
+    writes h only when the node emits it. Nodes whose residual and branch differ in dtype or shape
+    are refused. Since both kinds have a kernel, glmrt.fusion fuses RMSNorm and LayerNorm models
+    alike on these backends.
+  * ``native.rope`` (op ``rope``): the split of the fused qkv and the rotary of q and k in one
+    launch, for the three kinds of glmrt.ops.rope: ``interleaved`` (GPT-J pairing, partial:
+    ChatGLM2/3, GLM-4), ``half`` (NeoX pairing: GLM-130B's 1-D) and ``2d`` (ChatGLM-6B: NeoX pairing
+    over each half of the head, by the position and the block-position tables). Each
+    product and sum is rounded to the model dtype as torch rounds them, so q and k equal
+    glmrt.ops.rope bit for bit; the cos / sin tables are glmrt.ops.rope_tables' (fp32 or
+    ChatGLM-6B's fp16 angles), built once per step under ops.rope's ctx.memo key. Refused: other
+    kinds or table dtypes, odd head_dim / rotary_dim, 2-D with rotary_dim != head_dim or head_dim
+    not a multiple of 4, a qkv width that is not (nh + 2 nkv) * hd.
   * ``native.quant_gemv`` (op ``linear``, weight-only INT8 / INT4 nodes only): the W8A16 / W4A16
     GEMV for decode, per-channel or group-wise scales (g a multiple of 32), optional bias. Used
     when the activations have at most :data:`GEMV_MAX_M` rows (batch * new tokens); graph shapes
@@ -26,6 +37,21 @@ Kernels:
     reference path on the same device (dequantize, then cuBLAS through torch), whose numbers the
     GEMV kernel is tested against. When the node's leading dims are concrete and exceed the bound,
     supports() refuses it so the plan shows the torch path directly.
+  * ``native.attention`` (op ``attention``): decode attention over the KV cache (eager slice or
+    the static cache of graph capture), GQA / MQA, both GLM scalings (standard and GLM-130B /
+    ChatGLM-6B's layer-scaled), any boolean mask (causal, GLM's bidirectional prefix, padding),
+    fp32 / bf16 / fp16, head_dim <= 256, any KV length (split into chunks with a combined fp32
+    softmax, bounded shared memory). The valid keys come from ``ctx.allowed``, the mask the
+    reference reads, on the device (so a captured graph follows the position it is replayed at);
+    the cache write is the reference's (``index_copy_`` at ``ctx.cache_pos_t``, or the slice at
+    ``ctx.cache_pos``). Same roundings as glmrt.ops.attention (scores rounded to the model dtype,
+    softmax in fp32, probabilities rounded, fp32 accumulation): only the fp32 summation order
+    differs. Two or three launches per call and a scratch workspace allocated with torch (scores of
+    the allowed keys, per-split softmax statistics and partial rows); the split count depends on
+    the shapes only, never on the mask. Used for at most :data:`ATTENTION_MAX_Q` new tokens per
+    sequence; a longer query
+    (prefill) takes the reference op on the same device (torch matmuls, cuBLAS), and
+    supports() refuses nodes whose concrete T exceeds it.
   Unquantized linears stay on cuBLAS (torch); supports() says so.
 
 The wrappers pass raw device pointers, the device index and the current torch stream
@@ -47,6 +73,16 @@ from ..base import NATIVE, Kernel
 GEMV_MAX_M = 8
 QUANT_BITS = (8, 4)
 INT32_MAX = 2**31 - 1
+# Decode attention: new query tokens per sequence the native kernel takes (a longer query is a
+# prefill: the reference op's matmuls are the better path and the kernel's score workspace grows
+# with T * S), the largest head_dim, and the scalings of glmrt.ops.attention.
+ATTENTION_MAX_Q = 8
+ATTENTION_MAX_HEAD_DIM = 256
+ATTENTION_SCALINGS = ("standard", "layer_scaled")
+# glmrt.ops.rope's kinds, numbered as native/gpu/rope.h (and the CPU kernel) number them.
+ROPE_KIND_CODES = {"interleaved": 0, "half": 1, "2d": 2}
+# The table dtypes glmrt.ops.rope_tables builds ("float16": ChatGLM-6B's fp16 angles).
+ROPE_TABLE_DTYPES = ("float32", "float16")
 
 
 def _concrete_rows(shape) -> int | None:
@@ -73,6 +109,29 @@ def _row_spec_refusal(node, name: str) -> str | None:
     if not isinstance(cols, int) or cols < 1:
         return f"normalized width {cols!r} is not a positive integer"
     return None
+
+
+def _residual_refusal(node, name: str) -> str | None:
+    """The fused residual + norm kernels' conditions on the node, past its norm kind: residual and
+    branch of one dtype and shape (no broadcasting), a finite alpha, then _row_spec_refusal."""
+    if len(node.input_specs) != 2:
+        return "needs the residual and branch shapes"
+    res, branch = node.input_specs
+    if res.dtype != branch.dtype:
+        return f"residual in {res.dtype}, branch in {branch.dtype}: the kernel adds two tensors of one dtype"
+    if tuple(res.shape) != tuple(branch.shape):
+        return f"residual {tuple(res.shape)} and branch {tuple(branch.shape)} differ in shape (no broadcasting)"
+    alpha = node.attrs.get("alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        return f"alpha {alpha!r} is not a finite number"
+    return _row_spec_refusal(node, name)
+
+
+def _rms_out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, round_before_weight: bool) -> torch.dtype:
+    """The dtype glmrt.ops.rms_norm returns: x's, except that with round_before_weight the result is
+    torch's product weight * normed.to(x dtype), in the promoted dtype of the two (an fp32 weight
+    under bf16 / fp16 activations gives fp32)."""
+    return torch.promote_types(w_dtype, x_dtype) if round_before_weight else x_dtype
 
 
 class NativeGpuKernels:
@@ -102,9 +161,11 @@ class NativeGpuKernels:
                 Kernel("norm", "native.layer_norm", NATIVE, self.layer_norm, self.layer_norm_supports),
                 Kernel("residual_norm", "native.residual_rms_norm", NATIVE, self.residual_rms_norm,
                        self.residual_rms_norm_supports),
-                Kernel("rope", "native.rope_interleaved", NATIVE, self.rope_interleaved,
-                       self.rope_interleaved_supports),
-                Kernel("linear", "native.quant_gemv", NATIVE, self.quant_linear, self.quant_linear_supports)]
+                Kernel("residual_norm", "native.residual_layer_norm", NATIVE, self.residual_layer_norm,
+                       self.residual_layer_norm_supports),
+                Kernel("rope", "native.rope", NATIVE, self.rope, self.rope_supports),
+                Kernel("linear", "native.quant_gemv", NATIVE, self.quant_linear, self.quant_linear_supports),
+                Kernel("attention", "native.attention", NATIVE, self.attention, self.attention_supports)]
 
     # ------------------------------------------------------------------ RMSNorm
     @staticmethod
@@ -130,14 +191,16 @@ class NativeGpuKernels:
         module, _ = self.module()
         x = x.contiguous()
         weight = weight.contiguous()
-        out = torch.empty_like(x)  # (..., H)
+        rbw = bool(node.attrs["round_before_weight"])
+        out = torch.empty(x.shape, dtype=_rms_out_dtype(x.dtype, weight.dtype, rbw), device=x.device)  # (..., H)
         cols = x.shape[-1]
         rows = x.numel() // cols if cols else 0
         if rows == 0:
             return out
-        module.rms_norm(x.data_ptr(), _native.DTYPE_CODES[x.dtype], weight.data_ptr(),
-                        _native.DTYPE_CODES[weight.dtype], out.data_ptr(), rows, cols, float(node.attrs["eps"]),
-                        bool(node.attrs["round_before_weight"]), x.device.index, _stream(x.device))
+        codes = _native.DTYPE_CODES
+        module.rms_norm(x.data_ptr(), codes[x.dtype], weight.data_ptr(), codes[weight.dtype], out.data_ptr(),
+                        codes[out.dtype], rows, cols, float(node.attrs["eps"]), rbw, x.device.index,
+                        _stream(x.device))
         return out
 
     # ------------------------------------------------------------------ LayerNorm
@@ -175,17 +238,7 @@ class NativeGpuKernels:
         kind = node.attrs.get("kind")
         if kind != "rmsnorm":
             return f"norm kind {kind!r}: native.residual_rms_norm fuses RMSNorm only"
-        if len(node.input_specs) != 2:
-            return "needs the residual and branch shapes"
-        res, branch = node.input_specs
-        if res.dtype != branch.dtype:
-            return f"residual in {res.dtype}, branch in {branch.dtype}: the kernel adds two tensors of one dtype"
-        if tuple(res.shape) != tuple(branch.shape):
-            return f"residual {tuple(res.shape)} and branch {tuple(branch.shape)} differ in shape (no broadcasting)"
-        alpha = node.attrs.get("alpha")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            return f"alpha {alpha!r} is not a finite number"
-        return _row_spec_refusal(node, "native.residual_rms_norm")
+        return _residual_refusal(node, "native.residual_rms_norm")
 
     def residual_rms_norm(self, ctx, node, inputs, params):
         res, branch = inputs  # (..., H) each
@@ -197,63 +250,115 @@ class NativeGpuKernels:
         module, _ = self.module()
         res, branch, weight = res.contiguous(), branch.contiguous(), weight.contiguous()
         emit = bool(node.attrs.get("emit_residual", True))
-        out = torch.empty_like(res)  # (..., H)
+        rbw = bool(node.attrs["round_before_weight"])
+        out = torch.empty(res.shape, dtype=_rms_out_dtype(res.dtype, weight.dtype, rbw), device=res.device)  # (..., H)
         h = torch.empty_like(res) if emit else None  # (..., H)
         cols = res.shape[-1]
         rows = res.numel() // cols if cols else 0
         if rows > 0:
             module.residual_rms_norm(res.data_ptr(), branch.data_ptr(), codes[res.dtype], float(node.attrs["alpha"]),
                                      weight.data_ptr(), codes[weight.dtype], h.data_ptr() if emit else 0,
-                                     out.data_ptr(), rows, cols, float(node.attrs["eps"]),
-                                     bool(node.attrs["round_before_weight"]), res.device.index, _stream(res.device))
+                                     out.data_ptr(), codes[out.dtype], rows, cols, float(node.attrs["eps"]), rbw,
+                                     res.device.index, _stream(res.device))
+        return (h, out) if emit else out
+
+    # ------------------------------------------------------------------ residual + LayerNorm
+    @staticmethod
+    def residual_layer_norm_supports(node) -> str | None:
+        kind = node.attrs.get("kind")
+        if kind != "layernorm":
+            return f"norm kind {kind!r}: native.residual_layer_norm fuses LayerNorm only"
+        return _residual_refusal(node, "native.residual_layer_norm")
+
+    def residual_layer_norm(self, ctx, node, inputs, params):
+        res, branch = inputs  # (..., H) each
+        weight, bias = params["weight"], params.get("bias")
+        codes = _native.DTYPE_CODES
+        if (res.dtype != branch.dtype or res.shape != branch.shape or res.dtype not in codes
+                or weight.dtype not in codes or (bias is not None and bias.dtype not in codes)):
+            return ops.residual_norm(ctx, node, inputs, params)
+        module, _ = self.module()
+        res, branch, weight = res.contiguous(), branch.contiguous(), weight.contiguous()
+        if bias is not None:
+            bias = bias.contiguous()
+        emit = bool(node.attrs.get("emit_residual", True))
+        out = torch.empty_like(res)  # (..., H): F.layer_norm keeps the activations' dtype
+        h = torch.empty_like(res) if emit else None  # (..., H)
+        cols = res.shape[-1]
+        rows = res.numel() // cols if cols else 0
+        if rows > 0:
+            module.residual_layer_norm(res.data_ptr(), branch.data_ptr(), codes[res.dtype],
+                                       float(node.attrs["alpha"]), weight.data_ptr(), codes[weight.dtype],
+                                       bias.data_ptr() if bias is not None else 0,
+                                       codes[bias.dtype] if bias is not None else 0, h.data_ptr() if emit else 0,
+                                       out.data_ptr(), rows, cols, float(node.attrs["eps"]), res.device.index,
+                                       _stream(res.device))
         return (h, out) if emit else out
 
     # ------------------------------------------------------------------ RoPE
     @staticmethod
-    def rope_interleaved_supports(node) -> str | None:
+    def rope_supports(node) -> str | None:
         a = node.attrs
-        if a.get("kind") != "interleaved":
-            return f"rope kind {a.get('kind')!r}: native.rope_interleaved does the interleaved (GPT-J) pairing only"
+        kind = a.get("kind")
+        if kind not in ROPE_KIND_CODES:
+            return f"rope kind {kind!r}: native.rope takes {', '.join(ROPE_KIND_CODES)}"
+        if a.get("table_dtype") not in ROPE_TABLE_DTYPES:
+            return f"rope table dtype {a.get('table_dtype')!r}: native.rope takes {', '.join(ROPE_TABLE_DTYPES)}"
         hd, nh, nkv, rd = a.get("head_dim"), a.get("num_heads"), a.get("num_kv_heads"), a.get("rotary_dim")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hd, nh, nkv, rd)):
             return f"head_dim {hd!r}, heads {nh!r} / {nkv!r}, rotary_dim {rd!r}: not all integers"
         if hd < 2 or hd % 2 or rd < 0 or rd % 2 or rd > hd:
             return f"head_dim {hd}, rotary_dim {rd}: the kernel takes an even head_dim and an even rotary_dim <= it"
+        if kind == "2d" and (rd != hd or hd % 4):
+            return f"2-D RoPE with rotary_dim {rd}, head_dim {hd}: needs rotary_dim == head_dim, a multiple of 4"
         if nh < 0 or nkv < 0:
             return f"negative head counts {nh} / {nkv}"
         spec = node.input_specs[0] if node.input_specs else None
         if spec is None:
             return "no input shape"
         if spec.dtype not in _native.DTYPE_CODES:
-            return f"activations in {spec.dtype}: native.rope_interleaved takes float32, bfloat16 or float16"
+            return f"activations in {spec.dtype}: native.rope takes float32, bfloat16 or float16"
         width = spec.shape[-1]
         if width != (nh + 2 * nkv) * hd:
             return f"qkv width {width!r} is not (num_heads + 2 * num_kv_heads) * head_dim = {(nh + 2 * nkv) * hd}"
         return None
 
-    def rope_interleaved(self, ctx, node, inputs, params):
+    def rope(self, ctx, node, inputs, params):
         a = node.attrs
         qkv = inputs[0]  # (B, T, (nh + 2 nkv) * hd)
+        kind = a["kind"]
         hd, nh, nkv, rd = a["head_dim"], a["num_heads"], a["num_kv_heads"], a["rotary_dim"]
-        if qkv.dtype not in _native.DTYPE_CODES or qkv.dim() != 3 or tuple(ctx.positions.shape) != tuple(qkv.shape[:2]):
+        if qkv.dim() != 3:
             return ops.rope(ctx, node, inputs, params)
-        # The same tables (and memo key) as glmrt.ops.rope: built once per step, shared by all layers.
-        key = ("rope", a["kind"], rd, a["base"], a["table_dtype"], qkv.dtype)
+        b, t = qkv.shape[:2]
+        # positions: (B, T), or (B, 2, T) (position, block position) for 2-D RoPE.
+        want_positions = (b, 2, t) if kind == "2d" else (b, t)
+        if qkv.dtype not in _native.DTYPE_CODES or tuple(ctx.positions.shape) != want_positions:
+            return ops.rope(ctx, node, inputs, params)
+        # The same tables (and memo key) as glmrt.ops.rope: built once per step, shared by all layers
+        # (native and reference ones alike).
+        key = ("rope", kind, rd, a["base"], a["table_dtype"], qkv.dtype)
         tables = ctx.memo.get(key)
         if tables is None:
-            tables = ops.rope_tables(ctx.positions, rd, a["base"], qkv.dtype, a["table_dtype"])
+            if kind == "2d":
+                half = hd // 2
+                tables = (ops.rope_tables(ctx.positions[:, 0], half, a["base"], qkv.dtype, a["table_dtype"]),
+                          ops.rope_tables(ctx.positions[:, 1], half, a["base"], qkv.dtype, a["table_dtype"]))
+            else:
+                tables = ops.rope_tables(ctx.positions, rd, a["base"], qkv.dtype, a["table_dtype"])
             ctx.memo[key] = tables
-        cos, sin = (t.contiguous() for t in tables)  # (B, T, rd / 2)
+        flat = tables[0] + tables[1] if kind == "2d" else tables
+        cos, sin, *second = (x.contiguous() for x in flat)  # (B, T, rd / 2), or 4 x (B, T, hd / 4) for 2-D
         qkv = qkv.contiguous()
-        b, t = qkv.shape[:2]
         q = torch.empty((b, t, nh, hd), dtype=qkv.dtype, device=qkv.device)
         k = torch.empty((b, t, nkv, hd), dtype=qkv.dtype, device=qkv.device)
         v = qkv[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd))  # (B, T, nkv, hd), a view as in ops.rope
         if b * t > 0:
             module, _ = self.module()
-            module.rope_interleaved(qkv.data_ptr(), _native.DTYPE_CODES[qkv.dtype], cos.data_ptr(), sin.data_ptr(),
-                                    q.data_ptr(), k.data_ptr(), b * t, nh, nkv, hd, rd, qkv.device.index,
-                                    _stream(qkv.device))
+            cos2, sin2 = (second[0].data_ptr(), second[1].data_ptr()) if second else (0, 0)
+            module.rope(qkv.data_ptr(), _native.DTYPE_CODES[qkv.dtype], ROPE_KIND_CODES[kind], cos.data_ptr(),
+                        sin.data_ptr(), cos2, sin2, q.data_ptr(), k.data_ptr(), b * t, nh, nkv, hd, rd,
+                        qkv.device.index, _stream(qkv.device))
         return q, k, v
 
     # ------------------------------------------------------------------ quantized linear
@@ -304,6 +409,102 @@ class NativeGpuKernels:
         launch(x.data_ptr(), codes[x.dtype], weight.data_ptr(), scale.data_ptr(), codes[scale.dtype],
                bias.data_ptr() if bias is not None else 0, codes[bias.dtype] if bias is not None else 0,
                out.data_ptr(), rows, n, k, quant["group_size"], x.device.index, _stream(x.device))
+        return out
+
+    # ------------------------------------------------------------------ attention
+    @staticmethod
+    def attention_supports(node) -> str | None:
+        a = node.attrs
+        if a.get("scaling") not in ATTENTION_SCALINGS:
+            return f"attention scaling {a.get('scaling')!r}: native.attention takes {', '.join(ATTENTION_SCALINGS)}"
+        nh, nkv, hd = a.get("num_heads"), a.get("num_kv_heads"), a.get("head_dim")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (nh, nkv, hd)):
+            return f"heads {nh!r} / {nkv!r}, head_dim {hd!r}: not all positive integers"
+        if nh % nkv:
+            return f"num_heads {nh} is not a multiple of num_kv_heads {nkv}"
+        if hd > ATTENTION_MAX_HEAD_DIM:
+            return f"head_dim {hd} > {ATTENTION_MAX_HEAD_DIM}: the kernel's q rows and key tile are sized for that"
+        scale = a.get("scale")
+        if a["scaling"] == "standard" and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+            return f"scale {scale!r} is not a finite number"
+        if len(node.input_specs) != 3:
+            return "needs the q, k and v shapes"
+        dtypes = {spec.dtype for spec in node.input_specs}
+        if len(dtypes) != 1:
+            return f"q, k and v in different dtypes ({', '.join(sorted(map(str, dtypes)))})"
+        dtype = node.input_specs[0].dtype
+        if dtype not in _native.DTYPE_CODES:
+            return f"activations in {dtype}: native.attention takes float32, bfloat16 or float16"
+        q_len = node.input_specs[0].shape[1] if len(node.input_specs[0].shape) == 4 else None
+        if isinstance(q_len, int) and q_len > ATTENTION_MAX_Q:
+            return (f"T={q_len} new tokens > {ATTENTION_MAX_Q}: prefill-sized, the reference op's matmuls (cuBLAS) "
+                    "are the better path")
+        return None
+
+    def attention(self, ctx, node, inputs, params):
+        """q: (B, T, nh, hd); k, v: (B, T, nkv, hd) -> (B, T, nh * hd). Writes k, v into the cache
+        exactly where glmrt.ops.attention writes them, then runs the kernel over the keys the mask
+        ``ctx.allowed`` lets each query see (the whole static cache under graph capture: the mask,
+        computed on the device from the position tensor, is the only source of the valid length).
+        More than ATTENTION_MAX_Q new tokens (prefill) or dtypes the kernel lacks: the reference op."""
+        a = node.attrs
+        q, k, v = inputs
+        B, T, nh, hd = q.shape
+        nkv = a["num_kv_heads"]
+        codes = _native.DTYPE_CODES
+        cache = ctx.cache
+        layer = a["layer_index"]
+        cache_dtype = cache.k[layer].dtype if cache is not None else q.dtype
+        if (T > ATTENTION_MAX_Q or q.dtype not in codes or k.dtype != q.dtype or v.dtype != q.dtype
+                or cache_dtype != q.dtype or hd > ATTENTION_MAX_HEAD_DIM):
+            return ops.attention(ctx, node, inputs, params)
+        if tuple(k.shape) != (B, T, nkv, hd) or tuple(v.shape) != (B, T, nkv, hd):
+            raise ValueError(f"{node.name}: q {tuple(q.shape)} with k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
+                             f"k and v of ({B}, {T}, {nkv}, {hd})")
+        if cache is not None:
+            keys, values = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hd)
+            if ctx.cache_pos_t is not None:  # static decode: write at the device position, read all of it
+                index = ctx.cache_pos_t.view(1)
+                keys.index_copy_(2, index, k.transpose(1, 2))
+                values.index_copy_(2, index, v.transpose(1, 2))
+                S = keys.shape[2]
+            else:
+                pos = ctx.cache_pos
+                keys[:, :, pos:pos + T] = k.transpose(1, 2)
+                values[:, :, pos:pos + T] = v.transpose(1, 2)
+                S = pos + T
+            # (batch, kv head, key position) element strides of the cache layout
+            k_strides, v_strides = keys.stride()[:3], values.stride()[:3]
+        else:
+            keys, values, S = k, v, T
+            k_strides = (keys.stride(0), keys.stride(2), keys.stride(1))  # fresh (B, T, nkv, hd)
+            v_strides = (values.stride(0), values.stride(2), values.stride(1))
+        if keys.stride(-1) != 1 or values.stride(-1) != 1:
+            raise ValueError(f"{node.name}: keys / values with a strided head_dim")
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        allowed = ctx.allowed  # (B, 1, T, S)
+        if allowed.dim() != 4 or allowed.shape[-1] != S or allowed.shape[-2] != T:
+            raise ValueError(f"{node.name}: mask of shape {tuple(allowed.shape)} for {T} queries over {S} keys; "
+                             f"expected (B, 1, {T}, {S})")
+        if allowed.dtype != torch.bool:
+            raise ValueError(f"{node.name}: mask must be bool (True = may attend), got {allowed.dtype}")
+        if allowed.device != q.device:
+            raise ValueError(f"{node.name}: mask on {allowed.device}, queries on {q.device}")
+        allowed = allowed.expand(B, 1, T, S)  # broadcast dims get stride 0
+        out = torch.empty((B, T, nh * hd), dtype=q.dtype, device=q.device)  # (B, T, nh * hd)
+        if B * T == 0:
+            return out
+        module, _ = self.module()
+        nbytes = module.attention_workspace_bytes(B, T, S, nh, nkv, hd, 0)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+        c = float(a["layer_index"] + 1)
+        module.attention(codes[q.dtype], B, T, S, nh, nkv, hd,
+                         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                         keys.data_ptr(), *k_strides, values.data_ptr(), *v_strides,
+                         allowed.data_ptr(), allowed.stride(0), allowed.stride(2), allowed.stride(3),
+                         out.data_ptr(), a["scaling"] == "layer_scaled", float(a.get("scale", 1.0)), hd ** 0.5 * c, c,
+                         workspace.data_ptr(), nbytes, 0, q.device.index or 0, _stream(q.device))
         return out
 
 

@@ -7,14 +7,32 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
      glmrt package and import in a fresh process with no visible GPU (both link their runtime so
      that no driver is needed to import), with the architectures it was built for;
    * the backends register the kernels, native_info() reports the module, argument errors are
-     raised before anything touches a device, and the supports() predicates accept and refuse
-     the right nodes (a plan for a quantized graph picks the native kernels).
+     raised before anything touches a device (an RMSNorm out_dtype that is not the reference's
+     included), and the supports() predicates accept and refuse the right nodes (a plan for a
+     quantized graph picks the native kernels; plans for ChatGLM-6B and GLM-130B, LayerNorm with
+     DeepNorm and 2-D / half-split RoPE, fuse every residual + LayerNorm onto
+     native.residual_layer_norm and run native.layer_norm and native.rope).
 
    * the same kernel sources compiled as C++ against native/gpu/emulate.h (one OS thread per GPU
      thread; __syncthreads and shuffles are barriers) with 32-lane AND 64-lane warps, and checked
      bit for bit on exact data (below): the kernels' indexing and every warp reduction are
      exercised at both widths without a GPU (a few minutes of CPU; GLMRT_SKIP_GPU_EMULATION=1
-     skips it).
+     skips it). The norms and RoPE are checked there against independent formulas written in the
+     test: RMSNorm / LayerNorm / residual + RMSNorm / residual + LayerNorm (h bit for bit, norm(h)
+     within one ulp; with an fp32 or other-half weight the RMSNorm output dtype is the reference's
+     and, on rows whose rms is a power of two, the product is rounded exactly once), and the three
+     RoPE kinds (interleaved, half, 2-D; fp32 and fp16 tables) bit for bit, the formulas
+     themselves checked against glmrt.ops.rope.
+     Decode attention (native.attention) is checked there against an attention written out from
+     the formulas in float64 with the releases' roundings (scores, probabilities, output; both
+     scalings, GQA / MQA / MHA, causal and GLM prefix masks, left padding and a query that sees no
+     key, KV lengths 1 to 700 over one to six KV splits, the fresh / cache-slice / static-cache key
+     layouts, every dtype): small-integer q and k make every score exact, so the scores the kernel
+     leaves in its workspace must equal the formula's bit for bit (bf16 / fp16) and masked keys
+     must never be scored; the output within an ulp of itself plus an ulp of the largest value
+     (expf and the fp32 sums may move one rounding of a probability). And the plan wrapper (cache
+     write, strides, mask broadcast, prefill fallback) on the emulated kernel against
+     glmrt.ops.attention on CPU tensors. Its supports() predicate and argument errors need no GPU.
 
 2. Kernel conformance, which needs a GPU (skipped otherwise, with the reason). On a CUDA machine
    it tests glmrt._native_cuda through the cuda backend; on a ROCm / DTK torch, glmrt._native_hip
@@ -24,15 +42,22 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
        pytest -v tests/ops/test_native_gpu.py
 
    * RMSNorm vs glmrt.ops.norm, every dtype, odd widths (1, 7, 100, 257, 4096, 13696), both
-     rounding conventions, a float32 weight under half activations; within one ulp of the output
-     dtype (the sum of squares is reduced in another order).
-   * LayerNorm (with and without bias, a float32 weight under half activations) vs
-     glmrt.ops.norm, within one ulp of the output dtype.
-   * Fused residual + RMSNorm vs glmrt.ops.residual_norm: h bit for bit (the same two roundings),
-     norm(h) within one ulp, alpha 1 and a DeepNorm alpha, emit_residual on and off.
-   * Interleaved partial RoPE (fused qkv split) vs glmrt.ops.rope: q, k bit for bit (the kernel
-     rounds each product and sum as torch does), v the same view; GQA head counts, partial and
-     full rotary, every dtype.
+     rounding conventions; a float32 (or other-half) weight under half activations, where the
+     output has the reference's dtype (fp32 with round_before_weight); within one ulp of the
+     activations' dtype (the sum of squares is reduced in another order, which can move the
+     rounding of the normalized value).
+   * LayerNorm (with and without bias) vs glmrt.ops.norm, within one ulp of the output dtype; a
+     float32 weight and bias under half activations against glmrt.ops.norm on the CPU (torch's
+     CPU layer_norm defines that mix; CUDA torch releases refuse it).
+   * Fused residual + RMSNorm and residual + LayerNorm vs glmrt.ops.residual_norm: h bit for bit
+     (the same two roundings), norm(h) within one ulp, alpha 1 and the DeepNorm alphas of
+     ChatGLM-6B / GLM-130B, emit_residual on and off, with and without bias, a weight unlike the
+     activations.
+   * RoPE (fused qkv split), the three kinds (interleaved, half, 2-D with (B, 2, T) positions),
+     fp32 and fp16 (ChatGLM-6B) tables, through the plan wrapper vs glmrt.ops.rope: q, k bit for
+     bit (the kernel rounds each product and sum as torch does), v the same view, the tables
+     memoized under ops.rope's key; GQA head counts, partial and full rotary, every dtype,
+     a non-contiguous qkv.
    * W8A16 / W4A16 GEMV on EXACT data: small-integer activations, the full int8 / int4 ranges,
      power-of-two scales and integer biases make every partial sum exact in fp32, so the kernel
      must equal the float64 reference rounded once to the output dtype, bit for bit, over
@@ -46,6 +71,16 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
    * The plan wrappers: M > 8 takes the reference path (equal to glmrt.ops.linear); a weight
      whose base pointer is not 16-byte aligned (scalar-load path); non-contiguous input; a side
      stream; CUDA / HIP graph capture and replay.
+   * Decode attention through the plan wrapper vs glmrt.ops.attention: every dtype, GQA / MQA /
+     MHA heads with head_dim 12 to 256, both mask kinds and scalings (layers 1 and 6), no cache,
+     the eager cache slice and the static cache with the position as a device tensor (up to 3000
+     keys), T up to 8; the cache written exactly as the reference writes it, the output within
+     two ulps of the largest value (cuBLAS sums the dot products in another order, which can flip
+     the rounding of a score); T = 12 (a prefill) is the reference op itself. Forced KV splits of
+     32 and 96 keys agree with the automatic split. Under CUDA / HIP graph capture, the model's
+     static decode step (the mask computed on the device from the position tensor inside the
+     graph) replayed at positions 5 to 299: each replay equals an eager launch bit for bit and the
+     reference within tolerance, and leaves the cache as the reference does.
 
 Speed is measured by benchmarks, never here.
 """
@@ -146,8 +181,9 @@ def test_backend_registers_the_module_it_has(platform):
     assert info["built"] is True and info["module"] == f"glmrt.{name}"
     assert info["archs"] == list(module.archs()) and info["archs"]
     assert info["platform"] == platform
-    assert {"native.rms_norm", "native.layer_norm", "native.residual_rms_norm", "native.rope_interleaved",
-            "native.quant_gemv"} <= names
+    assert {"native.rms_norm", "native.layer_norm", "native.residual_rms_norm", "native.residual_layer_norm",
+            "native.rope",
+            "native.quant_gemv", "native.attention"} <= names
 
 
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
@@ -161,25 +197,53 @@ def test_argument_errors_are_raised_before_touching_a_device(platform):
     with pytest.raises(RuntimeError, match="dtype"):
         module.linear_int4(1, 7, 1, 1, 0, 0, 0, 1, 1, 1, 64, 0, 0, 0)
     with pytest.raises(RuntimeError, match="dtype"):
-        module.rms_norm(1, 0, 1, 5, 1, 1, 8, 1e-5, False, 0, 0)
+        module.rms_norm(1, 0, 1, 5, 1, 0, 1, 8, 1e-5, False, 0, 0)
     module.linear_int8(0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 64, 0, 0, 0)  # M = 0: nothing to do, no launch
-    module.rms_norm(0, 1, 0, 1, 0, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
+    module.rms_norm(0, 1, 0, 1, 0, 1, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
+    # The output dtype must be the reference's: x's, or with round_before_weight the promotion of
+    # x and weight (bf16 x, fp32 weight -> fp32; bf16 x, fp16 weight -> fp32). A wrong one would
+    # write past a half-sized buffer, so it is an argument error even for rows = 0.
+    #                 x xd w wd out od rows cols eps  rbw  device stream
+    module.rms_norm(0, 1, 0, 0, 0, 0, 0, 8, 1e-5, True, 0, 0)
+    module.rms_norm(0, 1, 0, 2, 0, 0, 0, 8, 1e-5, True, 0, 0)
+    module.rms_norm(0, 1, 0, 0, 0, 1, 0, 8, 1e-5, False, 0, 0)
+    with pytest.raises(RuntimeError, match="rms_norm: out_dtype must be the promoted"):
+        module.rms_norm(0, 1, 0, 0, 0, 1, 0, 8, 1e-5, True, 0, 0)
+    with pytest.raises(RuntimeError, match="rms_norm: out_dtype must be x's"):
+        module.rms_norm(0, 1, 0, 0, 0, 0, 0, 8, 1e-5, False, 0, 0)
+    with pytest.raises(RuntimeError, match="residual_rms_norm: out_dtype must be the promoted"):
+        module.residual_rms_norm(0, 0, 2, 1.0, 0, 1, 0, 0, 2, 0, 8, 1e-5, True, 0, 0)
     with pytest.raises(RuntimeError, match="layer_norm: dtype"):
         module.layer_norm(1, 0, 1, 0, 1, 9, 1, 1, 8, 1e-5, 0, 0)  # a bias dtype code 9
     module.layer_norm(1, 0, 1, 0, 0, 9, 1, 0, 8, 1e-5, 0, 0)  # no bias: its code is not read; rows = 0
     with pytest.raises(RuntimeError, match="residual_rms_norm: dtype"):
-        module.residual_rms_norm(1, 1, 3, 1.0, 1, 0, 0, 1, 1, 8, 1e-5, False, 0, 0)
+        module.residual_rms_norm(1, 1, 3, 1.0, 1, 0, 0, 1, 3, 1, 8, 1e-5, False, 0, 0)
     with pytest.raises(RuntimeError, match="rows and cols"):
-        module.residual_rms_norm(1, 1, 0, 1.0, 1, 0, 0, 1, -1, 8, 1e-5, False, 0, 0)
-    module.residual_rms_norm(0, 0, 1, 1.0, 0, 1, 0, 0, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
-    #                      qkv d cos sin q  k  rows nh nkv hd rd device stream
+        module.residual_rms_norm(1, 1, 0, 1.0, 1, 0, 0, 1, 0, -1, 8, 1e-5, False, 0, 0)
+    module.residual_rms_norm(0, 0, 1, 1.0, 0, 1, 0, 0, 1, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
+    #                                res br xd alpha w wd bias bd h out rows cols eps device stream
+    with pytest.raises(RuntimeError, match="residual_layer_norm: dtype"):
+        module.residual_layer_norm(1, 1, 2, 1.0, 1, 0, 1, 4, 0, 1, 1, 8, 1e-5, 0, 0)  # a bias dtype code 4
+    with pytest.raises(RuntimeError, match="residual_layer_norm: rows and cols"):
+        module.residual_layer_norm(1, 1, 2, 1.0, 1, 0, 0, 0, 0, 1, 1, -8, 1e-5, 0, 0)
+    module.residual_layer_norm(0, 0, 2, 7.5, 0, 0, 0, 9, 0, 0, 0, 4096, 1e-5, 0, 0)  # no bias, rows = 0
+    #          qkv d kind cos sin cos2 sin2 q  k  rows nh nkv hd rd device stream
     with pytest.raises(RuntimeError, match="rotary_dim"):
-        module.rope_interleaved(1, 1, 1, 1, 1, 1, 1, 2, 1, 128, 130, 0, 0)
+        module.rope(1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 2, 1, 128, 130, 0, 0)
     with pytest.raises(RuntimeError, match="head_dim"):
-        module.rope_interleaved(1, 1, 1, 1, 1, 1, 1, 2, 1, 7, 4, 0, 0)
+        module.rope(1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 2, 1, 7, 4, 0, 0)
     with pytest.raises(RuntimeError, match="dtype"):
-        module.rope_interleaved(1, 3, 1, 1, 1, 1, 1, 2, 1, 128, 64, 0, 0)
-    module.rope_interleaved(0, 1, 0, 0, 0, 0, 0, 32, 2, 128, 64, 0, 0)  # rows = 0
+        module.rope(1, 3, 0, 1, 1, 0, 0, 1, 1, 1, 2, 1, 128, 64, 0, 0)
+    with pytest.raises(RuntimeError, match="kind"):
+        module.rope(1, 1, 3, 1, 1, 0, 0, 1, 1, 1, 2, 1, 128, 64, 0, 0)
+    with pytest.raises(RuntimeError, match="2-D RoPE rotates whole heads"):
+        module.rope(1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 128, 64, 0, 0)  # 2-D needs rotary_dim == head_dim
+    with pytest.raises(RuntimeError, match="2-D RoPE rotates whole heads"):
+        module.rope(1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 6, 6, 0, 0)  # ... a multiple of 4
+    with pytest.raises(RuntimeError, match="block-position tables"):
+        module.rope(1, 1, 2, 1, 1, 0, 0, 1, 1, 1, 2, 1, 128, 128, 0, 0)
+    module.rope(0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 32, 2, 128, 64, 0, 0)  # rows = 0
+    module.rope(0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 32, 32, 128, 128, 0, 0)  # rows = 0: no tables needed
     assert module.GEMV_ROWS_PER_LAUNCH == 4
     assert module.runtime_version() > 0
 
@@ -201,10 +265,10 @@ def residual_norm_node(cols, dtype, round_before_weight, alpha=1.0, emit_residua
                 input_specs=[spec, branch], output_specs=[spec] * len(outputs))
 
 
-def rope_node(nh, nkv, hd, rd, dtype, kind="interleaved", lead=("B", "T")):
+def rope_node(nh, nkv, hd, rd, dtype, kind="interleaved", lead=("B", "T"), table_dtype="float32"):
     return Node("layers.0.rope", "rope", ["qkv"], ["q", "k", "v"], {},
                 attrs=dict(kind=kind, rotary_dim=rd, head_dim=hd, num_heads=nh, num_kv_heads=nkv, base=10000.0,
-                           table_dtype="float32"),
+                           table_dtype=table_dtype),
                 input_specs=[ValueSpec((*lead, (nh + 2 * nkv) * hd), dtype)],
                 output_specs=[ValueSpec((*lead, n, hd), dtype) for n in (nh, nkv, nkv)])
 
@@ -241,13 +305,37 @@ def test_supports_predicates():
     assert "one dtype" in rn_ok(residual_norm_node(64, torch.bfloat16, False, branch_dtype=torch.float32))
     assert "float64" in rn_ok(residual_norm_node(64, torch.float64, False))
     assert "finite" in rn_ok(residual_norm_node(64, torch.float16, False, alpha=float("inf")))
-    rope_ok = NativeGpuKernels.rope_interleaved_supports
+    rln_ok = NativeGpuKernels.residual_layer_norm_supports
     for dtype in DTYPES:
-        assert rope_ok(rope_node(32, 2, 128, 64, dtype)) is None  # ChatGLM2/3, GLM-4
-        assert rope_ok(rope_node(3, 1, 8, 8, dtype)) is None  # full rotary
-    assert "interleaved" in rope_ok(rope_node(32, 2, 128, 64, torch.bfloat16, kind="half"))
-    assert "interleaved" in rope_ok(rope_node(32, 32, 128, 64, torch.float16, kind="2d"))
+        for emit in (False, True):  # ChatGLM-6B / GLM-130B DeepNorm alphas, and plain pre-norm adds
+            assert rln_ok(residual_norm_node(4096, dtype, False, alpha=(2 * 28) ** 0.5, kind="layernorm",
+                                             emit_residual=emit)) is None
+            assert rln_ok(residual_norm_node(7, dtype, False, kind="layernorm", emit_residual=emit)) is None
+    assert "LayerNorm only" in rln_ok(residual_norm_node(64, torch.bfloat16, False))
+    assert "one dtype" in rln_ok(residual_norm_node(64, torch.float16, False, kind="layernorm",
+                                                    branch_dtype=torch.float32))
+    assert "float64" in rln_ok(residual_norm_node(64, torch.float64, False, kind="layernorm"))
+    assert "finite" in rln_ok(residual_norm_node(64, torch.float16, False, kind="layernorm", alpha=float("nan")))
+    assert "positive integer" in rln_ok(residual_norm_node("H", torch.float16, False, kind="layernorm"))
+    ln_mismatch = residual_norm_node(64, torch.float16, False, kind="layernorm")
+    ln_mismatch.input_specs[1] = ValueSpec((1, 64), torch.float16)
+    assert "shape" in rln_ok(ln_mismatch)
+    rope_ok = NativeGpuKernels.rope_supports
+    for dtype in DTYPES:
+        for table_dtype in ("float32", "float16"):
+            assert rope_ok(rope_node(32, 2, 128, 64, dtype, table_dtype=table_dtype)) is None  # ChatGLM2/3, GLM-4
+            assert rope_ok(rope_node(3, 1, 8, 8, dtype, table_dtype=table_dtype)) is None  # full rotary
+            # GLM-130B (1-D, half-split over the whole head) and ChatGLM-6B (2-D), and partial half-split.
+            assert rope_ok(rope_node(96, 96, 128, 128, dtype, kind="half", table_dtype=table_dtype)) is None
+            assert rope_ok(rope_node(4, 2, 96, 32, dtype, kind="half", table_dtype=table_dtype)) is None
+            assert rope_ok(rope_node(32, 32, 128, 128, dtype, kind="2d", table_dtype=table_dtype)) is None
+            assert rope_ok(rope_node(3, 1, 4, 4, dtype, kind="2d", table_dtype=table_dtype)) is None
+    assert "rope kind 'yarn'" in rope_ok(rope_node(32, 2, 128, 64, torch.bfloat16, kind="yarn"))
+    assert "table dtype 'bfloat16'" in rope_ok(rope_node(32, 2, 128, 64, torch.bfloat16, table_dtype="bfloat16"))
+    assert "2-D" in rope_ok(rope_node(32, 32, 128, 64, torch.float16, kind="2d"))  # rotary_dim != head_dim
+    assert "multiple of 4" in rope_ok(rope_node(4, 4, 6, 6, torch.float16, kind="2d"))
     assert "even" in rope_ok(rope_node(4, 1, 128, 130, torch.bfloat16))
+    assert "even" in rope_ok(rope_node(4, 1, 7, 7, torch.bfloat16, kind="half"))
     assert "even" in rope_ok(rope_node(4, 1, 7, 4, torch.bfloat16))
     assert "float64" in rope_ok(rope_node(4, 1, 128, 64, torch.float64))
     bad_width = rope_node(4, 1, 128, 64, torch.bfloat16)
@@ -296,7 +384,7 @@ def test_plan_for_a_quantized_graph_picks_the_native_kernels(platform):
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
 def test_fused_plans_use_the_native_norm_kernels(platform):
     """glmrt.api.plan fuses residual + norm where native.residual_rms_norm takes the node (RMSNorm
-    models), and leaves LayerNorm models' nodes separate, on native.layer_norm."""
+    models); the LayerNorm models are in test_plans_for_layer_norm_models_use_the_native_kernels."""
     from glmrt.api import plan as plan_for
 
     module, why = _module_for(platform)
@@ -312,13 +400,48 @@ def test_fused_plans_use_the_native_norm_kernels(platform):
         if step.node.op == "norm":
             assert step.impl == "native.rms_norm", step.reason
         if step.node.op == "rope":
-            assert step.impl == "native.rope_interleaved", step.reason
-    plan = plan_for("synthetic:chatglm-6b", backend=backend, layers=1)
-    ropes = [s for s in plan.steps if s.node.op == "rope"]  # 2-D RoPE: not the native kernel's
-    assert ropes and all(s.impl != "native.rope_interleaved" and "native.rope_interleaved" in s.reason for s in ropes)
-    norms = [s for s in plan.steps if s.node.op == "norm"]
-    assert norms and all(s.impl == "native.layer_norm" for s in norms), [(s.impl, s.reason) for s in norms]
-    assert not [s for s in plan.steps if s.node.op == "residual_norm"]
+            assert step.node.attrs["kind"] == "interleaved" and step.impl == "native.rope", step.reason
+
+
+@pytest.mark.parametrize("preset, rope_kind, alpha", [("chatglm-6b", "2d", (2 * 28) ** 0.5),
+                                                      ("glm-130b", "half", (2 * 70) ** 0.5)])
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_plans_for_layer_norm_models_use_the_native_kernels(platform, preset, rope_kind, alpha):
+    """ChatGLM-6B (LayerNorm, DeepNorm, 2-D RoPE with fp16 tables) and GLM-130B (LayerNorm, DeepNorm,
+    half-split RoPE): glmrt.api.plan fuses every residual + LayerNorm into a residual_norm node on
+    native.residual_layer_norm (glmrt.fusion fuses only where the backend has a kernel for the fused
+    node, which LayerNorm lacked), the first norm runs native.layer_norm and every RoPE native.rope.
+    Unfused, the same graphs keep their nodes on the native norm kernels."""
+    from glmrt.api import plan as plan_for
+
+    module, why = _module_for(platform)
+    if module is None:
+        pytest.skip(f"glmrt.{PLATFORMS[platform][0]} is not built: {why}")
+    backend = PLATFORMS[platform][1]
+    plan = plan_for(f"synthetic:{preset}", backend=backend, layers=2)
+    by_op = {}
+    for step in plan.steps:
+        by_op.setdefault(step.node.op, []).append(step)
+    assert "residual" not in by_op, [s.node.name for s in by_op["residual"]]
+    # 2 layers: attn residual + mlp_norm and mlp residual + the next norm, per layer (the last one's
+    # next norm is final_norm).
+    fused = by_op["residual_norm"]
+    assert len(fused) == 4
+    for step in fused:
+        assert step.impl == "native.residual_layer_norm", step.reason
+        assert step.node.attrs["kind"] == "layernorm" and "bias" in step.node.params
+        assert step.node.attrs["alpha"] == pytest.approx(alpha)
+    norms = by_op["norm"]  # only layer 0's attn_norm reads no residual sum
+    assert [s.node.name for s in norms] == ["layers.0.attn_norm"]
+    assert norms[0].impl == "native.layer_norm", norms[0].reason
+    ropes = by_op["rope"]
+    assert len(ropes) == 2
+    for step in ropes:
+        assert step.node.attrs["kind"] == rope_kind and step.node.attrs["table_dtype"] == "float16"
+        assert step.impl == "native.rope", step.reason
+    unfused = plan_for(f"synthetic:{preset}", backend=backend, layers=2, fuse=False)
+    assert "residual_norm" not in {s.node.op for s in unfused.steps}
+    assert all(s.impl == "native.layer_norm" for s in unfused.steps if s.node.op == "norm")
 
 
 # ============================================================================= part 2: on a GPU
@@ -372,16 +495,27 @@ def test_rms_norm_matches_reference(dtype, round_before_weight):
         _assert_within_one_ulp(got, want, dtype, f"rms_norm {shape} {dtype} round_before_weight={round_before_weight}")
 
 
+def _other_weight_dtypes(dtype):
+    """Weight dtypes unlike the activations': fp32, and the other half type (bf16 with fp16
+    promotes to fp32 in torch)."""
+    return [torch.float32, torch.float16 if dtype == torch.bfloat16 else torch.bfloat16]
+
+
 @needs_gpu
+@pytest.mark.parametrize("round_before_weight", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_rms_norm_float32_weight_under_half_activations(dtype):
+def test_rms_norm_float32_weight_under_half_activations(dtype, round_before_weight):
+    """The output has the reference's dtype: x's, or with round_before_weight torch's product
+    weight * normed.to(x dtype), fp32 here (it used to be rounded back to x's dtype)."""
     kernel = _kernels()["native.rms_norm"]
     x = torch.randn(2, 3, 4096, device="cuda").to(dtype)
-    w = 1 + 0.1 * torch.randn(4096, device="cuda")
-    node = norm_node(4096, dtype, False)
-    got = kernel.fn(None, node, [x], {"weight": w})
-    want = ops.norm(None, node, [x], {"weight": w})  # (w.float() * normed).to(x.dtype)
-    _assert_within_one_ulp(got, want, dtype, "fp32 weight")
+    for w_dtype in _other_weight_dtypes(dtype):
+        w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(w_dtype)
+        node = norm_node(4096, dtype, round_before_weight)
+        got = kernel.fn(None, node, [x], {"weight": w})
+        want = ops.norm(None, node, [x], {"weight": w})
+        assert want.dtype == (torch.float32 if round_before_weight else dtype)
+        _assert_within_one_ulp(got, want, dtype, f"{w_dtype} weight, round_before_weight={round_before_weight}")
 
 
 @needs_gpu
@@ -415,13 +549,17 @@ def test_layer_norm_matches_reference(dtype, bias):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_layer_norm_float32_weight_and_bias_under_half_activations(dtype):
+    """The reference is glmrt.ops.norm on the CPU: torch's CPU layer_norm defines half activations
+    with fp32 weight and bias (fp32 math, the activations' dtype out), while CUDA torch releases
+    refuse the mix ("expected scalar type Half but found Float")."""
     kernel = _kernels()["native.layer_norm"]
     x = torch.randn(2, 3, 4096, device="cuda").to(dtype)
     params = {"weight": 1 + 0.1 * torch.randn(4096, device="cuda"), "bias": 0.1 * torch.randn(4096, device="cuda")}
     node = norm_node(4096, dtype, False, kind="layernorm")
     got = kernel.fn(None, node, [x], params)
-    want = ops.norm(None, node, [x], params)
-    _assert_within_one_ulp(got, want, dtype, "fp32 weight and bias")
+    want = ops.norm(None, node, [x.cpu()], {k: v.cpu() for k, v in params.items()})
+    assert want.dtype == dtype
+    _assert_within_one_ulp(got.cpu(), want, dtype, "fp32 weight and bias")
 
 
 # ------------------------------------------------------------------------ residual + RMSNorm
@@ -448,33 +586,126 @@ def test_residual_rms_norm_matches_reference(dtype, round_before_weight, alpha):
             _assert_within_one_ulp(got, want, dtype, what)
 
 
-# ------------------------------------------------------------------------------------- RoPE
-ROPE_CASES = [(1, 1, 1, 1, 2, 2), (2, 3, 4, 2, 8, 4), (1, 5, 32, 2, 128, 64), (2, 2, 6, 6, 64, 64),
-              (1, 4, 3, 1, 96, 32)]  # (B, T, nh, nkv, hd, rotary_dim)
+@needs_gpu
+@pytest.mark.parametrize("round_before_weight", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_residual_rms_norm_float32_weight_under_half_activations(dtype, round_before_weight):
+    """h keeps the activations' dtype; norm(h) has the reference's dtype (fp32 with
+    round_before_weight and a weight unlike the activations)."""
+    kernel = _kernels()["native.residual_rms_norm"]
+    g = torch.Generator().manual_seed(13)
+    res = (3 * torch.randn(2, 3, 4096, generator=g)).to(dtype).cuda()
+    branch = torch.randn(2, 3, 4096, generator=g).to(dtype).cuda()
+    for w_dtype in _other_weight_dtypes(dtype):
+        w = {"weight": (1 + 0.1 * torch.randn(4096, generator=g)).to(w_dtype).cuda()}
+        node = residual_norm_node(4096, dtype, round_before_weight, alpha=(2 * 28) ** 0.5)
+        got = kernel.fn(None, node, [res, branch], w)
+        want = ops.residual_norm(None, node, [res, branch], w)
+        assert want[1].dtype == (torch.float32 if round_before_weight else dtype)
+        assert torch.equal(got[0], want[0]), _first_mismatch(got[0], want[0])
+        _assert_within_one_ulp(got[1], want[1], dtype, f"{w_dtype} weight, round_before_weight={round_before_weight}")
 
 
-def _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, device="cpu"):
-    qkv = (2 * torch.randn(b, t, (nh + 2 * nkv) * hd, generator=g)).to(dtype).to(device)
-    positions = (torch.arange(t)[None, :] + torch.randint(0, 3000, (b, 1), generator=g)).to(device)  # (B, T)
-    return qkv, positions
+# ---------------------------------------------------------------------- residual + LayerNorm
+@needs_gpu
+@pytest.mark.parametrize("alpha", [1.0, (2 * 28) ** 0.5, (2 * 70) ** 0.5], ids=["alpha1", "chatglm6b", "glm130b"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_layer_norm_matches_reference(dtype, alpha):
+    """ChatGLM-6B / GLM-130B's DeepNorm residual h = x * alpha + branch, then LayerNorm(h) with bias:
+    h bit for bit (the same two roundings), norm(h) within one ulp."""
+    kernel = _kernels()["native.residual_layer_norm"]
+    g = torch.Generator().manual_seed(12)
+    for shape in NORM_SHAPES:
+        for emit, bias in ((True, True), (False, True), (True, False)):
+            node = residual_norm_node(shape[-1], dtype, False, alpha=alpha, emit_residual=emit, kind="layernorm")
+            assert kernel.supports(node) is None
+            res = (3 * torch.randn(shape, generator=g) + 1).to(dtype).cuda()
+            branch = torch.randn(shape, generator=g).to(dtype).cuda()
+            params = {"weight": (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(dtype).cuda()}
+            if bias:
+                params["bias"] = (0.3 * torch.randn(shape[-1], generator=g)).to(dtype).cuda()
+            got = kernel.fn(None, node, [res, branch], params)
+            want = ops.residual_norm(None, node, [res, branch], params)
+            what = f"residual_layer_norm {shape} {dtype} alpha={alpha} emit={emit} bias={bias}"
+            if emit:
+                assert torch.equal(got[0], want[0]), f"{what}: h {_first_mismatch(got[0], want[0])}"
+                got, want = got[1], want[1]
+            _assert_within_one_ulp(got, want, dtype, what)
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_residual_layer_norm_float32_weight_and_bias_under_half_activations(dtype):
+    """Against glmrt.ops.residual_norm on the CPU (see the LayerNorm test above): the output keeps
+    the activations' dtype."""
+    kernel = _kernels()["native.residual_layer_norm"]
+    res = torch.randn(2, 3, 4096, device="cuda").to(dtype)
+    branch = torch.randn(2, 3, 4096, device="cuda").to(dtype)
+    params = {"weight": 1 + 0.1 * torch.randn(4096, device="cuda"), "bias": 0.1 * torch.randn(4096, device="cuda")}
+    node = residual_norm_node(4096, dtype, False, alpha=(2 * 28) ** 0.5, kind="layernorm")
+    h, y = kernel.fn(None, node, [res, branch], params)
+    want_h, want_y = ops.residual_norm(None, node, [res.cpu(), branch.cpu()], {k: v.cpu() for k, v in params.items()})
+    assert want_y.dtype == dtype
+    assert torch.equal(h.cpu(), want_h), _first_mismatch(h.cpu(), want_h)
+    _assert_within_one_ulp(y.cpu(), want_y, dtype, "fp32 weight and bias")
+
+
+# ------------------------------------------------------------------------------------- RoPE
+ROPE_CASES = [(1, 1, 1, 1, 2, 2), (2, 3, 4, 2, 8, 4), (1, 5, 32, 2, 128, 64), (2, 2, 6, 6, 64, 64),
+              (1, 4, 3, 1, 96, 32)]  # (B, T, nh, nkv, hd, rotary_dim)
+# 2-D RoPE rotates whole heads (rotary_dim == head_dim, a multiple of 4); ChatGLM-6B is 32 x 128 MHA.
+ROPE_2D_CASES = [(1, 1, 1, 1, 4, 4), (2, 3, 4, 4, 8, 8), (1, 5, 32, 32, 128, 128), (2, 2, 6, 2, 64, 64),
+                 (1, 4, 3, 1, 96, 96)]
+ROPE_KINDS = ["interleaved", "half", "2d"]
+
+
+def _rope_cases(kind):
+    return ROPE_2D_CASES if kind == "2d" else ROPE_CASES
+
+
+def _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, device="cpu", kind="interleaved"):
+    """qkv (B, T, (nh + 2 nkv) * hd) and positions: (B, T), or (B, 2, T) (position, block
+    position) for 2-D RoPE, large enough that fp16 tables lose precision."""
+    qkv = (2 * torch.randn(b, t, (nh + 2 * nkv) * hd, generator=g)).to(dtype).to(device)
+    positions = torch.arange(t)[None, :] + torch.randint(0, 3000, (b, 1), generator=g)  # (B, T)
+    if kind == "2d":
+        blocks = torch.randint(0, 300, (b, t), generator=g)  # (B, T)
+        positions = torch.stack((positions, blocks), dim=1)  # (B, 2, T)
+    return qkv, positions.to(device)
+
+
+@needs_gpu
+@pytest.mark.parametrize("table_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kind", ROPE_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rope_interleaved_matches_reference(dtype):
-    kernel = _kernels()["native.rope_interleaved"]
+def test_rope_matches_reference(dtype, kind, table_dtype):
+    """native.rope through the plan wrapper vs glmrt.ops.rope: q and k bit for bit, v the same
+    view; the tables are built once, under ops.rope's memo key (a reference layer after a native
+    one reuses them)."""
+    kernel = _kernels()["native.rope"]
     g = torch.Generator().manual_seed(4)
-    for b, t, nh, nkv, hd, rd in ROPE_CASES:
-        node = rope_node(nh, nkv, hd, rd, dtype)
+    for b, t, nh, nkv, hd, rd in _rope_cases(kind):
+        node = rope_node(nh, nkv, hd, rd, dtype, kind=kind, table_dtype=table_dtype)
         assert kernel.supports(node) is None
-        qkv, positions = _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, device="cuda")
+        qkv, positions = _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, device="cuda", kind=kind)
         ctx = ops.ForwardContext(positions=positions, allowed=None)
         got = kernel.fn(ctx, node, [qkv], {})
         want = ops.rope(ops.ForwardContext(positions=positions, allowed=None), node, [qkv], {})
+        what = f"rope {kind} B{b} T{t} nh{nh} nkv{nkv} hd{hd} rd{rd} {dtype} tables {table_dtype}"
         for name, x, y in zip("qkv", got, want):
-            assert x.shape == y.shape and x.dtype == y.dtype, name
-            assert torch.equal(x, y), f"rope {name} B{b} T{t} nh{nh} nkv{nkv} hd{hd} rd{rd} {dtype}: {_first_mismatch(x, y)}"
+            assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: {name}"
+            assert torch.equal(x, y), f"{what}: {name} {_first_mismatch(x, y)}"
+        assert got[2].data_ptr() == want[2].data_ptr()  # v: the same view of qkv
         assert len(ctx.memo) == 1  # the tables are memoized for the other layers, as ops.rope does
+        again = ops.rope(ctx, node, [qkv], {})  # a reference layer in the same step: the same tables
+        assert len(ctx.memo) == 1 and all(torch.equal(x, y) for x, y in zip(again, want))
+        # A non-contiguous qkv (a column slice of a wider buffer) gives the same result.
+        wide = torch.zeros(b, t, qkv.shape[-1] + 8, dtype=dtype, device="cuda")
+        wide[..., :qkv.shape[-1]] = qkv
+        sliced = wide[..., :qkv.shape[-1]]
+        assert b * t == 1 or not sliced.is_contiguous()
+        for x, y in zip(kernel.fn(ctx, node, [sliced], {}), want):
+            assert torch.equal(x, y), f"{what}, non-contiguous qkv: {_first_mismatch(x, y)}"
 
 
 # ------------------------------------------------------------------------------- W8A16 / W4A16
@@ -724,7 +955,7 @@ def _build_emulated(out_dir: Path) -> dict:
                f"-I{GPU_SOURCES}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
                "-DGLMRT_PLATFORM_EMULATE=1", f"-DGLMRT_EMULATE_WARP_SIZE={warp}", f"-DGLMRT_GPU_MODULE={name}",
                '-DGLMRT_GPU_PLATFORM="emulated"', f'-DGLMRT_GPU_ARCHS="emulated-w{warp}"',
-               "-x", "c++", *(str(GPU_SOURCES / f) for f in ("norm.cu", "gemv_quant.cu", "rope.cu", "runtime.cu")),
+               "-x", "c++", *(str(GPU_SOURCES / f) for f in ("norm.cu", "gemv_quant.cu", "rope.cu", "attention.cu", "runtime.cu")),
                "-x", "none", str(GPU_SOURCES / "module.cpp"), "-o", str(out_dir / f"{name}{suffix}")]
         procs[warp] = (name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     out = {}
@@ -813,8 +1044,74 @@ def test_emulated_rms_norm(emulated, round_before_weight):
             want = ops.norm(None, node, [x], {"weight": w})
             out = torch.empty_like(x)
             _within_timeout(emulated.rms_norm, x.data_ptr(), CODES[dtype], w.data_ptr(), CODES[dtype], out.data_ptr(),
-                            x.numel() // shape[-1], shape[-1], 1e-5, round_before_weight, 0, 0)
+                            CODES[dtype], x.numel() // shape[-1], shape[-1], 1e-5, round_before_weight, 0, 0)
             _assert_within_one_ulp(out, want, dtype, f"emulated rms_norm {shape} {dtype}")
+
+
+def _independent_rms_norm(x, w, eps, round_before_weight):
+    """RMSNorm with float64 statistics; round_before_weight: the normalized value rounded to x's
+    dtype, times the weight in the promoted dtype of the two, returned in that dtype (torch's
+    product, as glmrt.ops.norm returns it); else the fp32 product rounded once to x's dtype."""
+    xf = x.double()
+    normed = (xf / torch.sqrt((xf * xf).mean(-1, keepdim=True) + eps)).float()
+    if round_before_weight:
+        product = torch.promote_types(w.dtype, x.dtype)  # torch: the product in fp32, rounded to it
+        return (w.float() * normed.to(x.dtype).float()).to(product)
+    return (w.float() * normed).to(x.dtype)
+
+
+@pytest.mark.parametrize("round_before_weight", [False, True])
+def test_emulated_norms_with_a_weight_unlike_the_activations(emulated, round_before_weight):
+    """An fp32 (or the other half type's) weight under bf16 / fp16 activations: with
+    round_before_weight the output is the product's dtype, fp32, as glmrt.ops.norm returns it (the
+    kernels used to round it back to the activations' dtype); without, the activations' dtype.
+    rms_norm and the fused residual_rms_norm alike; h keeps the activations' dtype."""
+    g = torch.Generator().manual_seed(15)
+    alpha = (2 * 28) ** 0.5
+    for dtype in (torch.bfloat16, torch.float16):
+        for w_dtype in (torch.float32, torch.float16 if dtype == torch.bfloat16 else torch.bfloat16):
+            out_dtype = torch.float32 if round_before_weight else dtype
+            for shape in [(1, 3, 7), (2, 1, 257)]:
+                x = (3 * torch.randn(shape, generator=g)).to(dtype)
+                branch = torch.randn(shape, generator=g).to(dtype)
+                w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(w_dtype)
+                rows, cols = x.numel() // shape[-1], shape[-1]
+                what = f"{shape} {dtype} weight {w_dtype} round_before_weight={round_before_weight}"
+                node = norm_node(cols, dtype, round_before_weight)
+                assert ops.norm(None, node, [x], {"weight": w}).dtype == out_dtype  # what the kernel must match
+                want = _independent_rms_norm(x, w, 1e-5, round_before_weight)
+                out = torch.full(shape, float("nan"), dtype=out_dtype)
+                _within_timeout(emulated.rms_norm, x.data_ptr(), CODES[dtype], w.data_ptr(), CODES[w_dtype],
+                                out.data_ptr(), CODES[out_dtype], rows, cols, 1e-5, round_before_weight, 0, 0)
+                _assert_within_one_ulp(out, want, dtype, f"emulated rms_norm {what}")
+                want_h, want_y = _independent_residual_rms_norm(x, branch, w, alpha, 1e-5, round_before_weight)
+                h = torch.full_like(x, float("nan"))
+                y = torch.full(shape, float("nan"), dtype=out_dtype)
+                _within_timeout(emulated.residual_rms_norm, x.data_ptr(), branch.data_ptr(), CODES[dtype], alpha,
+                                w.data_ptr(), CODES[w_dtype], h.data_ptr(), y.data_ptr(), CODES[out_dtype], rows, cols,
+                                1e-5, round_before_weight, 0, 0)
+                assert torch.equal(h, want_h), f"emulated residual_rms_norm {what}: h {_first_mismatch(h, want_h)}"
+                _assert_within_one_ulp(y, want_y, dtype, f"emulated residual_rms_norm {what}")
+            # Exact data: rows that are permutations of (5, -1, 1, -1, 0, 0, 0) * 2^e with eps 0 have
+            # rms 2^(e+1) exactly, so normed = x / rms is exact and the output must be the product
+            # w * normed rounded ONCE to out_dtype: a kernel that rounds it to the activations'
+            # dtype first (the old behaviour) differs here.
+            rows = 6
+            base = torch.tensor([5.0, -1.0, 1.0, -1.0, 0.0, 0.0, 0.0])
+            x = torch.stack([base[torch.randperm(7, generator=g)] * 2.0 ** (r - 2) for r in range(rows)]).to(dtype)
+            w = (1 + 0.3 * torch.randn(7, generator=g)).to(w_dtype)
+            normed = x.float() / (2.0 * 2.0 ** (torch.arange(rows, dtype=torch.float32) - 2))[:, None]
+            want = (w.float() * normed).to(out_dtype)  # normed is exact in every dtype
+            out = torch.full((rows, 7), float("nan"), dtype=out_dtype)
+            _within_timeout(emulated.rms_norm, x.data_ptr(), CODES[dtype], w.data_ptr(), CODES[w_dtype],
+                            out.data_ptr(), CODES[out_dtype], rows, 7, 0.0, round_before_weight, 0, 0)
+            assert torch.equal(out, want), f"exact rms_norm {dtype} weight {w_dtype}: {_first_mismatch(out, want)}"
+            y = torch.full((rows, 7), float("nan"), dtype=out_dtype)
+            zeros = torch.zeros_like(x)
+            _within_timeout(emulated.residual_rms_norm, zeros.data_ptr(), x.data_ptr(), CODES[dtype], 1.0,
+                            w.data_ptr(), CODES[w_dtype], 0, y.data_ptr(), CODES[out_dtype], rows, 7, 0.0,
+                            round_before_weight, 0, 0)
+            assert torch.equal(y, want), f"exact residual_rms_norm {dtype} weight {w_dtype}: {_first_mismatch(y, want)}"
 
 
 def _independent_layer_norm(x, w, b, eps):
@@ -848,17 +1145,16 @@ def test_emulated_layer_norm(emulated, bias):
 def _independent_residual_rms_norm(res, branch, w, alpha, eps, round_before_weight):
     """h: residual * alpha rounded to the dtype (fp32 math), plus branch, rounded again; then RMSNorm
     with float64 statistics and the two weight conventions."""
+    return _independent_residual(res, branch, alpha), _independent_rms_norm(
+        _independent_residual(res, branch, alpha), w, eps, round_before_weight)
+
+
+def _independent_residual(res, branch, alpha):
+    """residual * alpha in fp32 rounded to the dtype (unless alpha is 1), plus branch in fp32,
+    rounded again."""
     dtype = res.dtype
     scaled = res if alpha == 1.0 else (res.float() * torch.tensor(alpha, dtype=torch.float32)).to(dtype)
-    h = (branch.float() + scaled.float()).to(dtype)
-    hf = h.double()
-    normed = (hf / torch.sqrt((hf * hf).mean(-1, keepdim=True) + eps)).float()
-    if round_before_weight:
-        product = torch.promote_types(w.dtype, dtype)
-        y = (w.to(product) * normed.to(dtype).to(product)).to(dtype)
-    else:
-        y = (w.float() * normed).to(dtype)
-    return h, y
+    return (branch.float() + scaled.float()).to(dtype)
 
 
 @pytest.mark.parametrize("alpha", [1.0, (2 * 28) ** 0.5], ids=["alpha1", "deepnorm"])
@@ -878,8 +1174,8 @@ def test_emulated_residual_rms_norm(emulated, round_before_weight, alpha):
                 h = torch.full_like(res, float("nan"))
                 y = torch.empty_like(res)
                 _within_timeout(emulated.residual_rms_norm, res.data_ptr(), branch.data_ptr(), CODES[dtype], alpha,
-                                w.data_ptr(), CODES[dtype], h.data_ptr() if emit else 0, y.data_ptr(), rows,
-                                shape[-1], 1e-5, round_before_weight, 0, 0)
+                                w.data_ptr(), CODES[dtype], h.data_ptr() if emit else 0, y.data_ptr(), CODES[dtype],
+                                rows, shape[-1], 1e-5, round_before_weight, 0, 0)
                 what = f"emulated residual_rms_norm {shape} {dtype} alpha={alpha} emit={emit}"
                 if emit:
                     assert torch.equal(h, want_h), f"{what}: h {_first_mismatch(h, want_h)}"
@@ -888,40 +1184,527 @@ def test_emulated_residual_rms_norm(emulated, round_before_weight, alpha):
                 _assert_within_one_ulp(y, want_y, dtype, what)
 
 
-def _independent_rope(qkv, cos, sin, nh, nkv, hd):
-    """Pair (x[2i], x[2i+1]) of every q and k head rotated by angle i, each product and sum in fp32
-    rounded to the dtype; the dims past 2 * cos.shape[-1] unchanged."""
+@pytest.mark.parametrize("alpha", [1.0, (2 * 28) ** 0.5], ids=["alpha1", "deepnorm"])
+def test_emulated_residual_layer_norm(emulated, alpha):
+    """The fused residual + LayerNorm (ChatGLM-6B / GLM-130B DeepNorm): h bit for bit, LayerNorm(h)
+    within one ulp of the independent formula; weight and bias in the activations' dtype or fp32,
+    with and without bias, h emitted or not."""
+    g = torch.Generator().manual_seed(9)
+    i = 0
+    for dtype in DTYPES:
+        for shape in [(1, 1, 1), (1, 3, 7), (2, 1, 257), (1, 1, 4096)]:
+            i += 1
+            w_dtype = torch.float32 if i % 2 else dtype
+            res = (3 * torch.randn(shape, generator=g) + 1).to(dtype)
+            branch = torch.randn(shape, generator=g).to(dtype)
+            w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(w_dtype)
+            bias = (0.3 * torch.randn(shape[-1], generator=g)).to(w_dtype) if i % 3 else None
+            want_h = _independent_residual(res, branch, alpha)
+            assert torch.equal(want_h, branch + (res * alpha if alpha != 1.0 else res))  # torch's own sum
+            want_y = _independent_layer_norm(want_h, w, bias, 1e-5)
+            rows = res.numel() // shape[-1]
+            for emit in (True, False):
+                h = torch.full_like(res, float("nan"))
+                y = torch.full_like(res, float("nan"))
+                _within_timeout(emulated.residual_layer_norm, res.data_ptr(), branch.data_ptr(), CODES[dtype], alpha,
+                                w.data_ptr(), CODES[w_dtype], bias.data_ptr() if bias is not None else 0,
+                                CODES[w_dtype] if bias is not None else 0, h.data_ptr() if emit else 0, y.data_ptr(),
+                                rows, shape[-1], 1e-5, 0, 0)
+                what = (f"emulated residual_layer_norm {shape} {dtype} w {w_dtype} bias={bias is not None} "
+                        f"alpha={alpha} emit={emit}")
+                if emit:
+                    assert torch.equal(h, want_h), f"{what}: h {_first_mismatch(h, want_h)}"
+                else:
+                    assert bool(h.isnan().all()), f"{what}: h was written though h_out is 0"
+                _assert_within_one_ulp(y, want_y, dtype, what)
+
+
+def _independent_rope(qkv, tables, nh, nkv, hd, kind):
+    """glmrt.ops.rope written out per pair: the pairs (a, b) of every q and k head for the kind, each
+    rotated by its table entry i as (x[a] c - x[b] s, x[b] c + x[a] s), each product and sum in fp32
+    rounded to the dtype; the dims no pair rotates unchanged. tables: [(cos, sin)], two for 2-D
+    (position, then block position), each (B, T, entries)."""
     dtype = qkv.dtype
     rows = qkv.shape[0] * qkv.shape[1]
-    heads = qkv.reshape(rows, nh + 2 * nkv, hd)[:, :nh + nkv].clone()  # (rows, nh + nkv, hd)
-    half = cos.shape[-1]
-    c = cos.reshape(rows, 1, half).float()
-    s = sin.reshape(rows, 1, half).float()
-    x0, x1 = heads[..., 0:2 * half:2].float().clone(), heads[..., 1:2 * half:2].float().clone()
+    src = qkv.reshape(rows, nh + 2 * nkv, hd)[:, :nh + nkv]  # (rows, nh + nkv, hd)
+    heads = src.clone()
+    n = tables[0][0].shape[-1]
+    idx = torch.arange(n)
+    if kind == "interleaved":  # GPT-J
+        pairs = [(2 * idx, 2 * idx + 1, tables[0])]
+    elif kind == "half":  # NeoX: x[i] with x[i + rotary_dim / 2]
+        pairs = [(idx, idx + n, tables[0])]
+    else:  # 2-D: NeoX over each half of the head, the second half by the block positions
+        pairs = [(idx, idx + n, tables[0]), (hd // 2 + idx, hd // 2 + idx + n, tables[1])]
 
     def r(v):
         return v.to(dtype).float()
 
-    heads[..., 0:2 * half:2] = (r(x0 * c) - r(x1 * s)).to(dtype)
-    heads[..., 1:2 * half:2] = (r(x1 * c) + r(x0 * s)).to(dtype)
+    for a, b, (cos, sin) in pairs:
+        c, s = cos.reshape(rows, 1, n).float(), sin.reshape(rows, 1, n).float()
+        x0, x1 = src[..., a].float(), src[..., b].float()
+        heads[..., a] = (r(x0 * c) - r(x1 * s)).to(dtype)
+        heads[..., b] = (r(x1 * c) + r(x0 * s)).to(dtype)
     return heads[:, :nh], heads[:, nh:]
 
 
+EMULATED_ROPE_CASES = {
+    "interleaved": ROPE_CASES + [(1, 2, 4, 2, 128, 0)],
+    "half": ROPE_CASES + [(1, 2, 4, 2, 128, 0), (2, 2, 3, 3, 128, 128)],
+    "2d": ROPE_2D_CASES,
+}
+
+
+@pytest.mark.parametrize("kind", ROPE_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_rope_interleaved(emulated, dtype):
+def test_emulated_rope(emulated, dtype, kind):
     g = torch.Generator().manual_seed(8)
-    for b, t, nh, nkv, hd, rd in ROPE_CASES + [(1, 2, 4, 2, 128, 0)]:
-        qkv, positions = _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g)
-        cos, sin = (x.contiguous() for x in ops.rope_tables(positions, rd, 10000.0, dtype, "float32"))
-        want_q, want_k = _independent_rope(qkv, cos, sin, nh, nkv, hd)
+    for case_index, (b, t, nh, nkv, hd, rd) in enumerate(EMULATED_ROPE_CASES[kind]):
+        table_dtype = ("float32", "float16")[case_index % 2]  # ChatGLM-6B builds fp16 angles
+        qkv, positions = _rope_inputs(b, t, nh, nkv, hd, rd, dtype, g, kind=kind)
+        if kind == "2d":
+            tables = [ops.rope_tables(positions[:, j], hd // 2, 10000.0, dtype, table_dtype) for j in (0, 1)]
+        else:
+            tables = [ops.rope_tables(positions, rd, 10000.0, dtype, table_dtype)]
+        flat = [x.contiguous() for pair in tables for x in pair]
+        second = (flat[2].data_ptr(), flat[3].data_ptr()) if kind == "2d" else (0, 0)
+        want_q, want_k = _independent_rope(qkv, tables, nh, nkv, hd, kind)
         q = torch.full((b * t, nh, hd), float("nan"), dtype=dtype)
         k = torch.full((b * t, nkv, hd), float("nan"), dtype=dtype)
-        _within_timeout(emulated.rope_interleaved, qkv.data_ptr(), CODES[dtype], cos.data_ptr(), sin.data_ptr(),
-                        q.data_ptr(), k.data_ptr(), b * t, nh, nkv, hd, rd, 0, 0)
-        what = f"emulated rope B{b} T{t} nh{nh} nkv{nkv} hd{hd} rd{rd} {dtype}"
+        _within_timeout(emulated.rope, qkv.data_ptr(), CODES[dtype], {"interleaved": 0, "half": 1, "2d": 2}[kind],
+                        flat[0].data_ptr(), flat[1].data_ptr(), *second, q.data_ptr(), k.data_ptr(), b * t, nh, nkv,
+                        hd, rd, 0, 0)
+        what = f"emulated rope {kind} B{b} T{t} nh{nh} nkv{nkv} hd{hd} rd{rd} {dtype} tables {table_dtype}"
         assert torch.equal(q, want_q), f"{what}: q {_first_mismatch(q, want_q)}"
         assert torch.equal(k, want_k), f"{what}: k {_first_mismatch(k, want_k)}"
         if rd:  # and the reference op agrees with the independent formula
-            ref_q, ref_k, _ = ops.rope(ops.ForwardContext(positions=positions, allowed=None),
-                                       rope_node(nh, nkv, hd, rd, dtype), [qkv], {})
-            assert torch.equal(ref_q.reshape(b * t, nh, hd), want_q) and torch.equal(ref_k.reshape(b * t, nkv, hd), want_k)
+            node = rope_node(nh, nkv, hd, rd, dtype, kind=kind, table_dtype=table_dtype)
+            ref_q, ref_k, _ = ops.rope(ops.ForwardContext(positions=positions, allowed=None), node, [qkv], {})
+            assert torch.equal(ref_q.reshape(b * t, nh, hd), want_q), f"{what}: ops.rope q"
+            assert torch.equal(ref_k.reshape(b * t, nkv, hd), want_k), f"{what}: ops.rope k"
+
+
+# ============================================================ attention (all three parts for one op)
+# The kernel of native/gpu/attention.cu: predicates and argument errors (no GPU), the kernel emulated
+# on the CPU at warp 32 and 64 against the formulas, and on a GPU against glmrt.ops.attention.
+def attention_node(nh, nkv, hd, dtype, scaling="standard", layer=0, mask_kind="causal", q_len="T"):
+    return Node(f"layers.{layer}.attention", "attention", ["q", "k", "v"], ["o"],
+                attrs=dict(layer_index=layer, num_heads=nh, num_kv_heads=nkv, head_dim=hd, scale=1.0 / hd ** 0.5,
+                           scaling=scaling, mask_kind=mask_kind),
+                input_specs=[ValueSpec(("B", q_len, nh, hd), dtype), ValueSpec(("B", q_len, nkv, hd), dtype),
+                             ValueSpec(("B", q_len, nkv, hd), dtype)],
+                output_specs=[ValueSpec(("B", q_len, nh * hd), dtype)])
+
+
+def test_attention_supports_predicate():
+    from glmrt.backends.cuda.kernels import ATTENTION_MAX_Q, NativeGpuKernels
+
+    ok = NativeGpuKernels.attention_supports
+    for dtype in DTYPES:
+        for scaling, layer in (("standard", 0), ("layer_scaled", 27)):
+            assert ok(attention_node(32, 2, 128, dtype, scaling, layer)) is None  # GLM-4 / ChatGLM2 GQA
+            assert ok(attention_node(32, 32, 128, dtype, scaling, layer, "prefix")) is None  # ChatGLM-6B
+            assert ok(attention_node(5, 1, 20, dtype, scaling, layer)) is None  # MQA, odd head_dim
+            assert ok(attention_node(4, 1, 256, dtype, scaling, layer)) is None
+    assert ok(attention_node(8, 2, 64, torch.bfloat16, q_len=ATTENTION_MAX_Q)) is None
+    assert ok(attention_node(8, 2, 64, torch.bfloat16, q_len=1)) is None
+    assert "prefill-sized" in ok(attention_node(8, 2, 64, torch.bfloat16, q_len=ATTENTION_MAX_Q + 1))
+    assert "scaling 'alibi'" in ok(attention_node(8, 2, 64, torch.float16, "alibi"))
+    assert "multiple" in ok(attention_node(6, 4, 64, torch.float16))
+    assert "head_dim 512" in ok(attention_node(8, 2, 512, torch.float16))
+    assert "float64" in ok(attention_node(8, 2, 64, torch.float64))
+    mixed = attention_node(8, 2, 64, torch.bfloat16)
+    mixed.input_specs[2] = ValueSpec(("B", "T", 2, 64), torch.float32)
+    assert "different dtypes" in ok(mixed)
+    bad_scale = attention_node(8, 2, 64, torch.bfloat16)
+    bad_scale.attrs = dict(bad_scale.attrs, scale=float("nan"))
+    assert "finite" in ok(bad_scale)
+    symbolic = attention_node(8, 2, 64, torch.bfloat16)
+    symbolic.attrs = dict(symbolic.attrs, head_dim="hd")
+    assert "positive integers" in ok(symbolic)
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_attention_argument_errors_are_raised_before_touching_a_device(platform):
+    module, why = _module_for(platform)
+    if module is None:
+        pytest.skip(f"glmrt.{PLATFORMS[platform][0]} is not built: {why}")
+    assert module.ATTENTION_MAX_HEAD_DIM == 256
+    need = module.attention_workspace_bytes(1, 1, 100, 8, 2, 64)
+    assert need >= 8 * 100 * 4  # at least the scores of the 8 query rows
+    assert module.attention_kv_splits(1, 1, 100, 8, 2, 64, 32) == 4  # 100 keys in splits of 32
+    assert module.attention_kv_splits(1, 1, 100, 8, 2, 64) == module.attention_kv_splits(1, 1, 100, 8, 2, 64, 0)
+    with pytest.raises(RuntimeError, match="invalid shapes"):
+        module.attention_workspace_bytes(1, 1, 100, 6, 4, 64)
+
+    def call(dtype=1, B=1, T=1, S=100, nh=8, nkv=2, hd=64, workspace=16, nbytes=need, kv_split=0):
+        #                 ptr strides             k  strides  v  strides  mask strides out
+        module.attention(dtype, B, T, S, nh, nkv, hd, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16,
+                         False, 0.125, 8.0, 1.0, workspace, nbytes, kv_split, 0, 0)
+
+    with pytest.raises(RuntimeError, match="attention: dtype"):
+        call(dtype=3)
+    with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
+        call(nh=6, nkv=4)
+    with pytest.raises(RuntimeError, match="head_dim must be <= 256"):
+        call(hd=320)
+    with pytest.raises(RuntimeError, match="kv_len"):
+        call(S=0)
+    with pytest.raises(RuntimeError, match="workspace is smaller"):
+        call(nbytes=need - 1)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        call(workspace=8)
+    with pytest.raises(RuntimeError, match="device pointers"):
+        call(workspace=0)
+    call(B=0, nbytes=0)  # no query row: nothing to do, no launch
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_plans_use_the_native_attention_kernel(platform):
+    """Decode attention of every GLM layout runs the native kernel (GQA and layer-scaled MHA)."""
+    from glmrt.api import plan as plan_for
+
+    module, why = _module_for(platform)
+    if module is None:
+        pytest.skip(f"glmrt.{PLATFORMS[platform][0]} is not built: {why}")
+    for source in ("synthetic:glm-4-9b-0414", "synthetic:chatglm-6b"):
+        plan = plan_for(source, backend=PLATFORMS[platform][1], layers=2)
+        steps = [s for s in plan.steps if s.node.op == "attention"]
+        assert len(steps) == 2 and all(s.impl == "native.attention" for s in steps), [(s.impl, s.reason) for s in steps]
+
+
+def _attention_mask(B, T, valid, total, kind, pad, context):
+    """(B, T, total) bool for queries at valid - T .. valid - 1 over keys 0 .. total - 1: causal
+    (key <= query), GLM's prefix mask (also every key before context[b]), never a key before pad[b]
+    (left padding), never a key >= valid (the unwritten part of a static cache)."""
+    q_pos = torch.arange(valid - T, valid)[:, None]
+    k_pos = torch.arange(total)[None, :]
+    rows = []
+    for b in range(B):
+        real = (k_pos >= pad[b]) & (k_pos < valid)
+        allowed = (k_pos <= q_pos) & real
+        if kind == "prefix":
+            allowed = allowed | ((k_pos < context[b]) & real)
+        rows.append(allowed)
+    return torch.stack(rows)  # (B, T, total)
+
+
+def _attention_formula(q, keys, values, allowed, group, scaling, scale, layer):
+    """The attention of the GLM releases written out from the formulas in float64, rounding to the
+    model dtype where the releases' code does (scores; layer-scaled q / (sqrt(d) * c) as torch's CUDA
+    division by a scalar computes it, q * fp32(1 / divisor); probabilities; the output). q (B, T, nh,
+    d); keys / values (B, S, nkv, d); allowed (B, T, S). Query head h reads KV head h // group;
+    masked scores are the dtype's lowest value (standard) or -10000 (layer-scaled), so a query that
+    sees no key averages all S values. Returns the output (B, T, nh * d) and the softmax inputs
+    (B, nh, T, S)."""
+    dtype = q.dtype
+    B, T, nh, d = q.shape
+
+    def rnd(x):  # to the model dtype, kept in float64
+        return x.to(dtype).double()
+
+    heads = torch.arange(nh) // group
+    k = keys.double()[:, :, heads]  # (B, S, nh, d)
+    v = values.double()[:, :, heads]
+    c = float(layer + 1)
+    if scaling == "layer_scaled":
+        inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(d ** 0.5 * c, dtype=torch.float32)
+        q_scaled = rnd((q.float() * inv).double())
+        s = rnd(torch.einsum("bthd,bshd->bhts", q_scaled, k))
+        s = torch.where(allowed[:, None], s, rnd(torch.tensor(-10000.0)))
+        x = (s.float() * torch.tensor(c, dtype=torch.float32)).double()
+    else:
+        s = rnd(torch.einsum("bthd,bshd->bhts", q.double(), k))
+        s = rnd((s.float() * torch.tensor(scale, dtype=torch.float32)).double())
+        x = torch.where(allowed[:, None], s, torch.tensor(torch.finfo(dtype).min, dtype=torch.float64))
+    e = (x - x.amax(-1, keepdim=True)).exp()
+    p = rnd(e / e.sum(-1, keepdim=True))  # (B, nh, T, S)
+    return torch.einsum("bhts,bshd->bthd", p, v).to(dtype).reshape(B, T, nh * d), x
+
+
+def _assert_attention_close(got, want, vmax, what):
+    """Within an ulp of the output plus an ulp of the largest value: the remaining differences are
+    fp32 summation orders (and expf against float64 exp), which can move the rounding of a
+    probability or of the output by one ulp."""
+    dtype = got.dtype
+    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    err = (got.double() - want.double()).abs()
+    tol = eps * (want.double().abs() + vmax)
+    assert got.shape == want.shape and not bool(got.isnan().any()), what
+    worst = int((err - tol).flatten().argmax())
+    assert bool((err <= tol).all()), (f"{what}: error {err.flatten()[worst].item():.3g} > "
+                                      f"{tol.flatten()[worst].item():.3g} at flat index {worst} (got "
+                                      f"{got.flatten()[worst].item()}, want {want.flatten()[worst].item()})")
+
+
+# (B, T, nh, nkv, hd, layout, valid keys, cache length, mask kind, scaling, layer, dtype, kv_split, splits):
+# layout "fresh" = k / v are this step's (B, T, nkv, hd) views of a fused qkv (S = T); "cache" = the
+# (B, nkv, L, hd) cache read up to `valid` (eager decode); "static" = the whole cache under the mask
+# (graph-capture decode: S = L, the keys past `valid` hold large stale values that must stay unseen).
+# Small integer q and k make every dot product exact in fp32 (and in float64), so the scores equal
+# the formula's bit for bit in bf16 / fp16; only the softmax and the sums are in another order.
+EMULATED_ATTENTION_CASES = [
+    (1, 1, 4, 2, 16, "fresh", 1, 1, "causal", "standard", 0, torch.float32, 0, 1),  # one key
+    (2, 1, 6, 2, 20, "static", 37, 45, "prefix", "layer_scaled", 3, torch.bfloat16, 16, 2),
+    (1, 3, 8, 1, 256, "cache", 50, 53, "causal", "standard", 0, torch.float16, 16, 4),  # MQA, 2 row tiles
+    (3, 2, 4, 4, 8, "cache", 9, 12, "prefix", "standard", 1, torch.bfloat16, 0, 1),  # a row that sees nothing
+    (1, 8, 2, 1, 64, "cache", 100, 100, "causal", "layer_scaled", 0, torch.float32, 0, 1),  # 4 key tiles
+    (1, 1, 8, 2, 32, "static", 33, 70, "causal", "standard", 0, torch.float16, 32, 3),  # a fully masked split
+    (2, 5, 3, 1, 12, "fresh", 5, 5, "prefix", "layer_scaled", 1, torch.float16, 0, 1),
+    (1, 2, 4, 2, 16, "static", 650, 700, "causal", "standard", 0, torch.bfloat16, 0, 6),  # automatic split
+    # The second key tile holds one key, which only the second query row (the second warp's) sees.
+    (1, 2, 2, 2, 16, "cache", 33, 40, "causal", "standard", 0, torch.bfloat16, 0, 1),
+]
+
+
+def _emulated_attention_case(case, g):
+    B, T, nh, nkv, hd, layout, valid, L, kind, scaling, layer, dtype, kv_split, splits = case
+    fused = torch.randint(-3, 4, (B, T, (nh + 2 * nkv) * hd), generator=g).to(dtype)
+    fused[..., (nh + nkv) * hd:] = torch.randn(B, T, nkv * hd, generator=g).to(dtype)  # v: any values
+    q = fused[..., :nh * hd].unflatten(-1, (nh, hd))  # views with the fused row stride, as the plan's
+    # The last token's key of each KV head points along the first query head of its group, so that
+    # query row attends to it almost alone: a kernel that loses or swaps that key shows it in full.
+    last_keys = fused[:, -1, nh * hd:(nh + nkv) * hd].view(B, nkv, hd)
+    last_keys.copy_(3 * torch.sign(q[:, -1, ::nh // nkv].float()).to(dtype))
+    pad = [0, 2, valid][:B]  # the last of three rows: left padding over every key, sees nothing
+    context = [max(pad[b] + 1, valid // 2) for b in range(B)]
+    if layout == "fresh":
+        keys = fused[..., nh * hd:(nh + nkv) * hd].unflatten(-1, (nkv, hd))  # (B, T, nkv, hd)
+        values = fused[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd))
+        strides = [(t.stride(0), t.stride(2), t.stride(1)) for t in (keys, values)]
+        ref_k, ref_v, S = keys, values, T
+    else:
+        keys = torch.randint(-3, 4, (B, nkv, L, hd), generator=g).to(dtype)
+        values = torch.randn(B, nkv, L, hd, generator=g).to(dtype)
+        keys[:, :, valid:] = 7.0  # stale slots: masked, must not be seen
+        values[:, :, valid:] = 50.0
+        keys[:, :, valid - T:valid] = fused[..., nh * hd:(nh + nkv) * hd].unflatten(-1, (nkv, hd)).transpose(1, 2)
+        values[:, :, valid - T:valid] = fused[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd)).transpose(1, 2)
+        strides = [t.stride()[:3] for t in (keys, values)]
+        S = L if layout == "static" else valid
+        ref_k, ref_v = keys.transpose(1, 2)[:, :S], values.transpose(1, 2)[:, :S]  # (B, S, nkv, hd)
+    allowed = _attention_mask(B, T, valid, S, kind, pad, context)  # (B, T, S)
+    return q, keys, values, strides, ref_k, ref_v, allowed, S
+
+
+@pytest.mark.parametrize("case", EMULATED_ATTENTION_CASES,
+                         ids=lambda c: f"B{c[0]}T{c[1]}-nh{c[2]}nkv{c[3]}hd{c[4]}-{c[5]}{c[6]}of{c[7]}-{c[8]}-"
+                                       f"{c[9]}{c[10]}-{str(c[11])[6:]}-split{c[12]}")
+def test_emulated_attention(emulated, case):
+    B, T, nh, nkv, hd, layout, valid, L, kind, scaling, layer, dtype, kv_split, splits = case
+    g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    q, keys, values, (ks, vs), ref_k, ref_v, allowed, S = _emulated_attention_case(case, g)
+    scale, c = 1.0 / hd ** 0.5, float(layer + 1)
+    assert emulated.attention_kv_splits(B, T, S, nh, nkv, hd, kv_split) == splits
+    nbytes = emulated.attention_workspace_bytes(B, T, S, nh, nkv, hd, kv_split)
+    workspace = torch.full((nbytes // 4,), float("nan"))  # stale scratch must not matter
+    out = torch.full((B, T, nh * hd), float("nan"), dtype=dtype)
+    _within_timeout(emulated.attention, CODES[dtype], B, T, S, nh, nkv, hd, q.data_ptr(), *q.stride()[:3],
+                    keys.data_ptr(), *ks, values.data_ptr(), *vs, allowed.data_ptr(), *allowed.stride(),
+                    out.data_ptr(), scaling == "layer_scaled", scale, hd ** 0.5 * c, c, workspace.data_ptr(), nbytes,
+                    kv_split, 0, 0)
+    want, want_x = _attention_formula(q, ref_k, ref_v, allowed, nh // nkv, scaling, scale, layer)
+    vmax = ref_v[:, :valid].abs().max().item()  # the written keys' values (stale ones are 50)
+    _assert_attention_close(out, want, vmax, f"emulated attention {case}")
+    # The softmax inputs the kernel left in its workspace (attention.cu: fp32 [B, nh, T, S] at offset
+    # 0, written for allowed keys only): on this exact data the same numbers as the formula's, bit
+    # for bit in bf16 / fp16 (every rounding of the scores as the reference does it), and masked keys
+    # never scored (their keys are never read).
+    x = workspace[:B * nh * T * S].view(B, nh, T, S)
+    seen = allowed[:, None].expand(B, nh, T, S)
+    assert bool(x[~seen].isnan().all()), "a masked key was scored"
+    if dtype == torch.float32:
+        torch.testing.assert_close(x[seen].double(), want_x[seen], rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(x[seen], want_x[seen].float()), _first_mismatch(x[seen], want_x[seen].float())
+    if not bool(allowed.any(-1).all()):  # the rows that see no key: the mean of all S values
+        mean = ref_v.double().mean(1).repeat_interleave(nh // nkv, dim=1).flatten(-2)  # (B, nh * hd)
+        blind = ~allowed.any(-1)  # (B, T)
+        _assert_attention_close(out[blind], mean[blind.nonzero()[:, 0]].to(dtype), vmax, "rows that see no key")
+
+
+# ------------------------------------------------------------------------------- on a GPU
+# (batch, new tokens, cached tokens before them, mode): "none" = no cache (S = T), "eager" = the
+# cache slice, "static" = the whole preallocated cache under the mask with the position as a device
+# tensor (graph-capture decode). T > ATTENTION_MAX_Q is a prefill: the reference op runs.
+ATTENTION_STEPS = [(1, 1, 0, "none"), (3, 6, 0, "none"), (2, 1, 9, "eager"), (1, 1, 40, "eager"), (3, 3, 4, "eager"),
+                   (2, 8, 0, "eager"), (3, 1, 7, "static"), (1, 1, 3000, "static"), (2, 1, 700, "eager"),
+                   (2, 12, 0, "eager")]
+ATTENTION_HEADS = [(32, 2, 128), (5, 1, 20), (3, 3, 12), (8, 2, 64), (4, 1, 256)]
+
+
+def _gpu_attention_case(heads, dtype, step, mask_kind, scaling, layer, device="cuda"):
+    nh, nkv, hd = heads
+    B, T, past, mode = step
+    g = torch.Generator().manual_seed(zlib.crc32(repr((heads, str(dtype), step, mask_kind, scaling, layer)).encode()))
+    fused = torch.randn(B, T, (nh + 2 * nkv) * hd, generator=g).to(dtype).to(device)
+    q = fused[..., :nh * hd].unflatten(-1, (nh, hd))  # views of one fused tensor, as the rope node's
+    k = fused[..., nh * hd:(nh + nkv) * hd].unflatten(-1, (nkv, hd))
+    v = fused[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd))
+    total = past + T
+    max_len = total + (37 if mode == "static" else 5)
+    past_k = torch.randn(B, nkv, past, hd, generator=g).to(dtype).to(device)
+    past_v = torch.randn(B, nkv, past, hd, generator=g).to(dtype).to(device)
+    pad = [0, 2, min(total - 1, 3)][:B] if B > 1 else [0]
+    if B == 3 and mode == "none":
+        pad[2] = 5  # a left-padded row whose first queries see no key at all
+    context = [max(pad[b] + 1, total // 2) for b in range(B)]
+    width = max_len if mode == "static" else total
+    allowed = _attention_mask(B, T, total, width, mask_kind, pad, context)[:, None].to(device)  # (B, 1, T, S)
+
+    def ctx():
+        if mode == "none":
+            return ops.ForwardContext(positions=None, allowed=allowed)
+        cache = ops.KVCache(layer + 1, B, nkv, max_len, hd, dtype, torch.device(device))
+        cache.k[layer][:, :, :past] = past_k
+        cache.v[layer][:, :, :past] = past_v
+        cache.k[layer][:, :, total:] = 7.0  # stale slots past the position: masked, never read
+        cache.v[layer][:, :, total:] = 7.0
+        if mode == "static":
+            return ops.ForwardContext(positions=None, allowed=allowed, cache=cache,
+                                      cache_pos_t=torch.tensor(past, device=device))
+        return ops.ForwardContext(positions=None, allowed=allowed, cache=cache, cache_pos=past)
+
+    values = torch.cat((past_v.transpose(1, 2), v), dim=1)  # (B, total, nkv, hd)
+    return attention_node(nh, nkv, hd, dtype, scaling, layer, mask_kind), [q, k, v], ctx, values
+
+
+def _check_attention_against_reference(kernel_fn, heads, dtype, step, mask_kind, scaling, layer, device):
+    """kernel_fn (the plan wrapper) against glmrt.ops.attention on one step: the cache written
+    exactly as the reference writes it; the output within a couple of ulps of the values (the same
+    roundings; the fp32 summation order of the dot products differs from cuBLAS's / the CPU's, which
+    can flip the rounding of a score or a probability); a prefill (T > ATTENTION_MAX_Q) is the
+    reference op itself."""
+    from glmrt.backends.cuda.kernels import ATTENTION_MAX_Q, NativeGpuKernels
+
+    nh, nkv, hd = heads
+    node, inputs, make_ctx, values = _gpu_attention_case(heads, dtype, step, mask_kind, scaling, layer, device)
+    assert NativeGpuKernels.attention_supports(node) is None
+    ctx_native, ctx_ref = make_ctx(), make_ctx()
+    got = kernel_fn(ctx_native, node, inputs, {})
+    want = ops.attention(ctx_ref, node, inputs, {})
+    B, T = step[:2]
+    what = f"attention {heads} {dtype} {step} {mask_kind} {scaling} layer {layer}"
+    assert got.shape == (B, T, nh * hd) and got.dtype == dtype and got.device == want.device, what
+    if ctx_ref.cache is not None:
+        assert torch.equal(ctx_native.cache.k[layer], ctx_ref.cache.k[layer]), what
+        assert torch.equal(ctx_native.cache.v[layer], ctx_ref.cache.v[layer]), what
+    if T > ATTENTION_MAX_Q:
+        assert torch.equal(got, want), what
+        return
+    vmax = values.abs().max().item()
+    tol = 2 * torch.finfo(dtype).eps * vmax if dtype != torch.float32 else 1e-5 * vmax
+    torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def test_emulated_attention_plan_wrapper(emulated, monkeypatch):
+    """The plan wrapper (cache write, key layouts and strides, the mask's broadcast strides, the
+    prefill fallback) on the emulated kernel, on CPU tensors, against glmrt.ops.attention."""
+    from glmrt.backends.cuda import kernels as gpu_kernels
+
+    wrapper = gpu_kernels.NativeGpuKernels("_native_cuda")
+    monkeypatch.setattr(wrapper, "module", lambda: (emulated, ""))
+    monkeypatch.setattr(gpu_kernels, "_stream", lambda device: 0)
+    steps = [(1, 1, 0, "none"), (3, 6, 0, "none"), (2, 1, 9, "eager"), (3, 3, 4, "eager"), (3, 1, 7, "static"),
+             (1, 1, 300, "static"), (2, 12, 0, "eager")]
+    for dtype in DTYPES:
+        for heads in [(8, 2, 64), (5, 1, 20)]:
+            for mask_kind, scaling, layer in [("causal", "standard", 0), ("prefix", "layer_scaled", 5)]:
+                for step in steps:
+                    _check_attention_against_reference(wrapper.attention, heads, dtype, step, mask_kind, scaling,
+                                                       layer, "cpu")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mask_kind,scaling,layer", [("causal", "standard", 0), ("prefix", "layer_scaled", 0),
+                                                     ("prefix", "layer_scaled", 5), ("prefix", "standard", 1)])
+@pytest.mark.parametrize("heads", ATTENTION_HEADS, ids=[f"nh{a}-nkv{b}-hd{c}" for a, b, c in ATTENTION_HEADS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_matches_reference(dtype, heads, mask_kind, scaling, layer):
+    kernel = _kernels()["native.attention"]
+    for step in ATTENTION_STEPS:
+        _check_attention_against_reference(kernel.fn, heads, dtype, step, mask_kind, scaling, layer, "cuda")
+
+
+@needs_gpu
+def test_attention_under_graph_capture_follows_the_device_position():
+    """The model's static decode step: the mask is computed on the device from the position tensor
+    inside the graph; replays at other positions (other valid lengths) must give what the reference
+    gives at each, and what an eager launch gives, bit for bit."""
+    kernel = _kernels()["native.attention"]
+    B, nh, nkv, hd, L, layer, dtype = 2, 8, 2, 64, 300, 0, torch.bfloat16
+    node = attention_node(nh, nkv, hd, dtype)
+    g = torch.Generator().manual_seed(21)
+    cache = ops.KVCache(layer + 1, B, nkv, L, hd, dtype, torch.device("cuda"))
+    cache.k[layer].copy_(torch.randn(B, nkv, L, hd, generator=g).to(dtype))  # stale everywhere past pos
+    cache.v[layer].copy_((3 * torch.randn(B, nkv, L, hd, generator=g)).to(dtype))
+    key_valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    key_valid[1, :3] = False  # left padding of the second row
+    key_index = torch.arange(L, device="cuda")
+    pos = torch.zeros((), dtype=torch.long, device="cuda")
+    qkv = [torch.zeros(B, 1, n, hd, dtype=dtype, device="cuda") for n in (nh, nkv, nkv)]
+
+    def context(kv_cache):
+        allowed = (key_valid & (key_index <= pos))[:, None, None, :]  # (B, 1, 1, L), as the model builds it
+        return ops.ForwardContext(positions=None, allowed=allowed, cache=kv_cache, cache_pos_t=pos)
+
+    def clone(kv_cache):
+        copy = ops.KVCache(layer + 1, B, nkv, L, hd, dtype, torch.device("cuda"))
+        copy.k[layer].copy_(kv_cache.k[layer])
+        copy.v[layer].copy_(kv_cache.v[layer])
+        return copy
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernel.fn(context(clone(cache)), node, qkv, {})  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel.fn(context(cache), node, qkv, {})
+    for step, p in enumerate([5, 6, 40, 127, 128, 299, 17]):
+        for t in qkv:
+            t.copy_(torch.randn(t.shape, generator=g).to(dtype))
+        pos.fill_(p)
+        before = clone(cache)
+        ref_cache, eager_cache = clone(before), clone(before)
+        want = ops.attention(context(ref_cache), node, qkv, {})
+        eager = kernel.fn(context(eager_cache), node, qkv, {})
+        graph.replay()
+        torch.cuda.synchronize()
+        what = f"replay {step} at position {p}"
+        assert torch.equal(cache.k[layer], ref_cache.k[layer]) and torch.equal(cache.v[layer], ref_cache.v[layer]), what
+        assert torch.equal(captured, eager), f"{what}: the replay differs from an eager launch"
+        vmax = cache.v[layer][:, :, :p + 1].abs().max().item()
+        torch.testing.assert_close(captured.double(), want.double(), atol=2 * torch.finfo(dtype).eps * vmax, rtol=0,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kv_split", [32, 96, 0])
+def test_attention_kv_splits_agree(kv_split):
+    """Forced splits (many partial rows, the reduction launch) against the automatic choice and the
+    reference, on a long static cache whose second half is unwritten."""
+    kernel = _kernels()["native.attention"]
+    node, inputs, make_ctx, values = _gpu_attention_case((32, 2, 128), torch.bfloat16, (1, 1, 2000, "static"),
+                                                          "causal", "standard", 0)
+    ctx = make_ctx()
+    want = ops.attention(make_ctx(), node, inputs, {})
+    auto = kernel.fn(ctx, node, inputs, {})
+    module = gpu_module
+    q = inputs[0]
+    keys, vals = ctx.cache.k[0], ctx.cache.v[0]
+    S = keys.shape[2]
+    allowed = ctx.allowed.expand(1, 1, 1, S)
+    nbytes = module.attention_workspace_bytes(1, 1, S, 32, 2, 128, kv_split)
+    workspace = torch.full((nbytes,), 255, dtype=torch.uint8, device="cuda")  # NaN-filled scratch
+    out = torch.empty_like(auto)
+    module.attention(CODES[torch.bfloat16], 1, 1, S, 32, 2, 128, q.data_ptr(), *q.stride()[:3], keys.data_ptr(),
+                     *keys.stride()[:3], vals.data_ptr(), *vals.stride()[:3], allowed.data_ptr(), allowed.stride(0),
+                     allowed.stride(2), allowed.stride(3), out.data_ptr(), False, 1.0 / 128 ** 0.5, 128 ** 0.5, 1.0,
+                     workspace.data_ptr(), nbytes, kv_split, torch.cuda.current_device(),
+                     torch.cuda.current_stream().cuda_stream)
+    vmax = values.abs().max().item()
+    tol = 2 * torch.finfo(torch.bfloat16).eps * vmax
+    torch.testing.assert_close(out.double(), want.double(), atol=tol, rtol=0)
+    torch.testing.assert_close(out.double(), auto.double(), atol=tol, rtol=0)
