@@ -1,7 +1,8 @@
 """NVIDIA CUDA through torch.cuda: glmrt's native CUDA kernels (glmrt._native_cuda, built from
 native/gpu when nvcc is found: RMSNorm, LayerNorm, fused residual+RMSNorm / +LayerNorm, the three
-RoPE kinds (interleaved, half, 2-D) and the W8A16 / W4A16 decode GEMV, see kernels.py), and
-torch's CUDA ops (cuBLAS / cuDNN through ATen) for everything else."""
+RoPE kinds (interleaved, half, 2-D), decode attention over the KV cache, the W8A16 / W4A16 decode
+GEMV and, for INT8 / INT4 prefill, a native dequantize before cuBLAS; see kernels.py), and torch's
+CUDA ops (cuBLAS / cuDNN through ATen) for everything else."""
 
 from __future__ import annotations
 

@@ -30,13 +30,15 @@ Kernels:
     ChatGLM-6B's fp16 angles), built once per step under ops.rope's ctx.memo key. Refused: other
     kinds or table dtypes, odd head_dim / rotary_dim, 2-D with rotary_dim != head_dim or head_dim
     not a multiple of 4, a qkv width that is not (nh + 2 nkv) * hd.
-  * ``native.quant_gemv`` (op ``linear``, weight-only INT8 / INT4 nodes only): the W8A16 / W4A16
-    GEMV for decode, per-channel or group-wise scales (g a multiple of 32), optional bias. Used
-    when the activations have at most :data:`GEMV_MAX_M` rows (batch * new tokens); graph shapes
-    carry the symbols B and T, so that is decided per call: a larger M (prefill) takes the core's
-    reference path on the same device (dequantize, then cuBLAS through torch), whose numbers the
-    GEMV kernel is tested against. When the node's leading dims are concrete and exceed the bound,
-    supports() refuses it so the plan shows the torch path directly.
+  * ``native.quant_gemv`` (op ``linear``, weight-only INT8 / INT4 nodes only), per-channel or
+    group-wise scales (g a multiple of 32), optional bias, any M. Decode (the activations have at
+    most :data:`GEMV_MAX_M` rows, batch * new tokens; graph shapes carry the symbols B and T, so
+    that is decided per call): the W8A16 / W4A16 GEMV. Prefill (more rows) is NOT a fused
+    quantized GEMM: one native launch dequantizes the weight into a torch-allocated (N, K) buffer
+    in the activations' dtype, then torch's F.linear multiplies it (cuBLAS / hipBLAS). The
+    dequantized weight equals glmrt.quant.dequantize bit for bit (the fp32 product q * scale,
+    rounded once to the model dtype), and the GEMM is the call glmrt.ops.linear makes, so prefill
+    gives the reference's numbers; the buffer is transient (N * K elements per call).
   * ``native.attention`` (op ``attention``): decode attention over the KV cache (eager slice or
     the static cache of graph capture), GQA / MQA, both GLM scalings (standard and GLM-130B /
     ChatGLM-6B's layer-scaled), any boolean mask (causal, GLM's bidirectional prefix, padding),
@@ -69,7 +71,7 @@ from ... import _native, ops
 from ..base import NATIVE, Kernel
 
 # Decode-sized activations: the GEMV re-reads the weight once per GEMV_ROWS_PER_LAUNCH (4) rows,
-# so beyond 8 rows dequantize + cuBLAS is the better path.
+# so beyond 8 rows the native dequantize + cuBLAS is the better path.
 GEMV_MAX_M = 8
 QUANT_BITS = (8, 4)
 INT32_MAX = 2**31 - 1
@@ -83,14 +85,6 @@ ATTENTION_SCALINGS = ("standard", "layer_scaled")
 ROPE_KIND_CODES = {"interleaved": 0, "half": 1, "2d": 2}
 # The table dtypes glmrt.ops.rope_tables builds ("float16": ChatGLM-6B's fp16 angles).
 ROPE_TABLE_DTYPES = ("float32", "float16")
-
-
-def _concrete_rows(shape) -> int | None:
-    """Product of the leading dims when all are integers, else None (symbolic B / T)."""
-    lead = shape[:-1]
-    if all(isinstance(d, int) for d in lead):
-        return math.prod(lead)
-    return None
 
 
 def _stream(device: torch.device) -> int:
@@ -380,35 +374,45 @@ class NativeGpuKernels:
         k, n = quant["in_features"], node.output_specs[0].shape[-1]
         if not isinstance(n, int) or not isinstance(k, int) or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
             return f"K={k}, N={n}: the GEMV takes 1 <= K, N < 2^31"
-        rows = _concrete_rows(spec.shape)
-        if rows is not None and rows > GEMV_MAX_M:
-            return (f"M={rows} activation rows > {GEMV_MAX_M}: prefill-sized, dequantize + cuBLAS (torch) is "
-                    "the faster path")
+        # Any M: up to GEMV_MAX_M rows the GEMV, beyond (prefill) the native dequantize + cuBLAS.
         return None
 
     def quant_linear(self, ctx, node, inputs, params):
+        """M <= GEMV_MAX_M rows: the W8A16 / W4A16 GEMV. More rows (prefill): the native kernel
+        dequantizes the weight into a torch buffer in the activations' dtype (bit for bit
+        glmrt.quant.dequantize), then torch's F.linear (cuBLAS / hipBLAS) multiplies, exactly the
+        call glmrt.ops.linear makes; not a fused quantized GEMM."""
         x = inputs[0]  # (..., K)
         quant = node.attrs["quant"]
-        k = quant["in_features"]
+        k, bits, group = quant["in_features"], quant["bits"], quant["group_size"]
         weight, scale, bias = params["weight"], params["scale"], params.get("bias")
         rows = x.numel() // k if k else 0
         codes = _native.DTYPE_CODES
-        if (rows == 0 or rows > GEMV_MAX_M or x.dtype not in codes or scale.dtype not in codes
-                or (bias is not None and bias.dtype not in codes) or weight.element_size() != 1):
-            # Prefill (or an unusual dtype): the reference op on this device, dequantize + cuBLAS.
+        n = weight.shape[0] if weight.dim() == 2 else -1
+        layout_ok = (weight.dim() == 2 and weight.shape[1] == (k if bits == 8 else -(-k // 2)) and group >= 0
+                     and scale.numel() == n * (1 if group == 0 else -(-k // group)))
+        if (rows == 0 or x.dtype not in codes or scale.dtype not in codes or weight.element_size() != 1
+                or not layout_ok or (rows <= GEMV_MAX_M and bias is not None and bias.dtype not in codes)):
+            # An unusual dtype or layout: the reference op on this device.
             return ops.linear(ctx, node, inputs, params)
         module, _ = self.module()
-        x = x.contiguous()
         weight = weight.contiguous()  # (N, K) int8 or (N, ceil(K/2)) packed int4
         scale = scale.contiguous()  # (N,) or (N, ceil(K/g))
-        n = weight.shape[0]
+        if rows > GEMV_MAX_M:
+            # Prefill: dequantize once (one native launch into a torch buffer), then cuBLAS.
+            w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+            dequantize = module.dequantize_int8 if bits == 8 else module.dequantize_int4
+            dequantize(weight.data_ptr(), scale.data_ptr(), codes[scale.dtype], w.data_ptr(), codes[x.dtype], n, k,
+                       group, x.device.index or 0, _stream(x.device))
+            return torch.nn.functional.linear(x, w, bias)
+        x = x.contiguous()
         out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)  # (..., N)
         if bias is not None:
             bias = bias.contiguous()
         launch = module.linear_int8 if quant["bits"] == 8 else module.linear_int4
         launch(x.data_ptr(), codes[x.dtype], weight.data_ptr(), scale.data_ptr(), codes[scale.dtype],
                bias.data_ptr() if bias is not None else 0, codes[bias.dtype] if bias is not None else 0,
-               out.data_ptr(), rows, n, k, quant["group_size"], x.device.index, _stream(x.device))
+               out.data_ptr(), rows, n, k, group, x.device.index or 0, _stream(x.device))
         return out
 
     # ------------------------------------------------------------------ attention

@@ -1,9 +1,9 @@
 """AMD ROCm and Hygon DCU (alias ``dcu``) through a HIP build of torch (device string "cuda").
 
 glmrt's native HIP kernels (glmrt._native_hip, built from native/gpu when hipcc is found:
-RMSNorm, LayerNorm, fused residual+RMSNorm / +LayerNorm, the three RoPE kinds and the W8A16 /
-W4A16 decode GEMV,
-wavefront-64 safe) run where they support a node;
+RMSNorm, LayerNorm, fused residual+RMSNorm / +LayerNorm, the three RoPE kinds, decode attention,
+the W8A16 / W4A16 decode GEMV and the INT8 / INT4 dequantize for prefill, wavefront-64 safe) run
+where they support a node;
 every other op runs the core's torch reference on the device."""
 
 from __future__ import annotations

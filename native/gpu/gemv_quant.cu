@@ -1,4 +1,6 @@
-// Weight-only INT8 / INT4 GEMV (W8A16 / W4A16) for decode. One source for CUDA and HIP.
+// Weight-only INT8 / INT4 GEMV (W8A16 / W4A16) for decode, and the dequantization that prefill uses
+// before a cuBLAS / hipBLAS GEMM (torch, in the caller; there is no fused quantized GEMM here).
+// One source for CUDA and HIP.
 //
 // Layout of the work: one warp / wavefront per output row n; its lanes stream the row's weight in
 // 16-byte chunks (16 int8 or 32 int4 weights; 128-bit loads, consecutive lanes on consecutive
@@ -10,7 +12,7 @@
 // (odd K) take byte loads instead of 128-bit ones, with the same arithmetic.
 //
 // Template instantiations are kept few for build time: activation dtype (3) x bits (2) x rows
-// per launch (1, 2, 4) = 18 kernels.
+// per launch (1, 2, 4) = 18 GEMV kernels, plus output dtype (3) x bits (2) = 6 dequantize kernels.
 #include "portability.h"
 
 #include <climits>
@@ -218,6 +220,71 @@ void launch_all(int bits, const char* x, const void* w, const void* scale, int s
   }
 }
 
+// ---------------------------------------------------------------------------- dequantize (prefill)
+// out[n, k] = q[n, k] * scale, one fp32 product rounded once to the output dtype: exactly what
+// glmrt.quant.dequantize computes (values.float() * scale.float(), then .to(dtype)). Each thread
+// writes kDequantPerThread consecutive k of one row (reading 8 int8 or 4 packed bytes); the grid
+// strides over all (row, chunk) pairs, so any N * K fits one launch. No shared memory, no barriers.
+constexpr int kDequantPerThread = 8;
+constexpr int64_t kDequantMaxBlocks = 65535;
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads)
+dequantize_kernel(const uint8_t* __restrict__ w, const void* __restrict__ scale, int scale_dtype,
+                  typename T::storage* __restrict__ out, int64_t K, int64_t row_bytes, int64_t group_size,
+                  int64_t num_groups, int64_t chunks_per_row, int64_t total_chunks, int64_t grid_threads) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < total_chunks; c += grid_threads) {
+    const int64_t n = c / chunks_per_row;
+    const int64_t k0 = (c - n * chunks_per_row) * kDequantPerThread;
+    const uint8_t* wrow = w + n * row_bytes;
+    typename T::storage* orow = out + n * K;
+    const bool grouped = group_size > 0;
+    // Per-channel: the row's scale. Grouped: the scale of k0's group, advanced when k crosses into
+    // the next group (one division per chunk, not per element).
+    int64_t group = grouped ? k0 / group_size : 0;
+    int64_t next_group_k = grouped ? (group + 1) * group_size : INT64_MAX;
+    float s = load_any(scale, grouped ? n * num_groups + group : n, scale_dtype);
+#pragma unroll
+    for (int j = 0; j < kDequantPerThread; ++j) {
+      const int64_t k = k0 + j;
+      if (k >= K) break;
+      if (k == next_group_k) {
+        ++group;
+        next_group_k += group_size;
+        s = load_any(scale, n * num_groups + group, scale_dtype);
+      }
+      float q;
+      if (BITS == 8) {
+        q = s8(static_cast<uint32_t>(wrow[k]), 0);
+      } else {
+        const uint32_t byte = wrow[k >> 1];
+        q = (k & 1) ? s4_lo(byte, 0) : s4_hi(byte, 0);  // even k: the high nibble
+      }
+      T::store(orow, k, q * s);  // a plain fp32 product (nothing to contract), rounded once by the store
+    }
+  }
+}
+
+template <typename T>
+void launch_dequantize(int bits, const void* w, const void* scale, int scale_dtype, void* out, int64_t N, int64_t K,
+                       int64_t group_size, gpuStream_t stream) {
+  const int64_t row_bytes = bits == 8 ? K : (K + 1) / 2;
+  const int64_t num_groups = group_size > 0 ? (K + group_size - 1) / group_size : 1;
+  const int64_t chunks_per_row = (K + kDequantPerThread - 1) / kDequantPerThread;
+  const int64_t total = N * chunks_per_row;
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  if (blocks > kDequantMaxBlocks) blocks = kDequantMaxBlocks;
+  const int64_t grid_threads = blocks * kThreads;
+  const auto* wb = static_cast<const uint8_t*>(w);
+  auto* ob = static_cast<typename T::storage*>(out);
+  if (bits == 8)
+    GLMRT_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, dequantize_kernel<T, 8>)(
+        wb, scale, scale_dtype, ob, K, row_bytes, group_size, num_groups, chunks_per_row, total, grid_threads);
+  else
+    GLMRT_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, dequantize_kernel<T, 4>)(
+        wb, scale, scale_dtype, ob, K, row_bytes, group_size, num_groups, chunks_per_row, total, grid_threads);
+}
+
 }  // namespace
 
 const char* linear_quant(int bits, const void* x, int x_dtype, const void* weight, const void* scale,
@@ -254,6 +321,26 @@ const char* linear_quant(int bits, const void* x, int x_dtype, const void* weigh
         launch_all<F16>(bits, xb, weight, scale, scale_dtype, bias, bias_dtype, ob, M, n32, k32, row_bytes, g32,
                         num_groups, vector_ok, s);
         break;
+    }
+  });
+}
+
+const char* dequantize_weight(int bits, const void* weight, const void* scale, int scale_dtype, void* out,
+                              int out_dtype, int64_t N, int64_t K, int64_t group_size, int device, void* stream) {
+  if (bits != 8 && bits != 4) return "bits must be 8 (int8) or 4 (packed int4)";
+  for (int code : {scale_dtype, out_dtype})
+    if (code < 0 || code > 2) return "dtype codes must be 0 (fp32), 1 (bf16) or 2 (fp16)";
+  if (N < 0 || K < 0) return "N and K must be >= 0";
+  if (group_size < 0) return "group_size must be 0 (per output channel) or positive";
+  if (N == 0 || K == 0) return nullptr;
+  if (N > INT64_MAX / K) return "N * K overflows";
+  if (weight == nullptr || scale == nullptr || out == nullptr) return "weight, scale and out must be device pointers";
+  auto s = static_cast<gpuStream_t>(stream);
+  return launch_on_device(device, [&] {
+    switch (out_dtype) {
+      case kF32: launch_dequantize<F32>(bits, weight, scale, scale_dtype, out, N, K, group_size, s); break;
+      case kBF16: launch_dequantize<BF16>(bits, weight, scale, scale_dtype, out, N, K, group_size, s); break;
+      default: launch_dequantize<F16>(bits, weight, scale, scale_dtype, out, N, K, group_size, s); break;
     }
   });
 }

@@ -190,6 +190,30 @@ PYBIND11_MODULE(GLMRT_GPU_MODULE, m) {
               "out[M,N] = x[M,K] @ (unpack(w[N,ceil(K/2)]) * scale)^T + bias; even k in the high nibble; "
               "bias 0 = none. GEMV: each launch covers GEMV_ROWS_PER_LAUNCH rows of x");
 
+  // Prefill: dequantize the weight once, then the caller runs a cuBLAS / hipBLAS GEMM (torch).
+  auto bind_dequantize = [&m](const char* name, int bits, const char* doc) {
+    m.def(
+        name,
+        [bits](uintptr_t w, uintptr_t scale, int scale_dtype, uintptr_t out, int out_dtype, int64_t N, int64_t K,
+               int64_t group_size, int device, uintptr_t stream) {
+          const char* error;
+          {
+            py::gil_scoped_release release;
+            error = gpu::dequantize_weight(bits, as_ptr(w), as_ptr(scale), scale_dtype, as_out(out), out_dtype, N, K,
+                                           group_size, device, as_out(stream));
+          }
+          check(error, bits == 8 ? "dequantize_int8" : "dequantize_int4");
+        },
+        py::arg("w"), py::arg("scale"), py::arg("scale_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("N"),
+        py::arg("K"), py::arg("group_size"), py::arg("device"), py::arg("stream"), doc);
+  };
+  bind_dequantize("dequantize_int8", 8,
+                  "out[N,K] = w[N,K] int8 * scale in out_dtype (fp32 product, rounded once: glmrt.quant.dequantize "
+                  "bit for bit); scale [N] (group_size 0) or [N, ceil(K/g)]. For prefill: dequantize, then GEMM");
+  bind_dequantize("dequantize_int4", 4,
+                  "out[N,K] = unpack(w[N,ceil(K/2)]) * scale in out_dtype, even k in the high nibble (fp32 "
+                  "product, rounded once: glmrt.quant.dequantize bit for bit). For prefill: dequantize, then GEMM");
+
   // Decode attention over the KV cache; see native/gpu/attention.h for the layouts and the numerics.
   m.attr("ATTENTION_MAX_HEAD_DIM") = gpu::kAttentionMaxHeadDim;
   m.def(

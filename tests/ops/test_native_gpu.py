@@ -17,7 +17,15 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
      thread; __syncthreads and shuffles are barriers) with 32-lane AND 64-lane warps, and checked
      bit for bit on exact data (below): the kernels' indexing and every warp reduction are
      exercised at both widths without a GPU (a few minutes of CPU; GLMRT_SKIP_GPU_EMULATION=1
-     skips it). The norms and RoPE are checked there against independent formulas written in the
+     skips it). The prefill dequantization (dequantize_int8 / dequantize_int4; prefill of a
+     quantized linear is this dequantize, then a cuBLAS / hipBLAS GEMM through torch, NOT a fused
+     quantized GEMM) is checked there bit for bit against a dequantization written in the test
+     from the formula (the fp32 product q * scale rounded once to the output dtype, itself checked
+     against glmrt.quant.dequantize): int8 and int4, per-channel and groups of 32 / 64 / 12, K odd and
+     not a multiple of the group, fp32 / bf16 / fp16 outputs, fp32 scales under bf16, scales
+     with random mantissas (so the products round); and the plan wrapper's prefill path (M = 9,
+     64) on the emulated kernel against glmrt.ops.linear on CPU tensors, bit for bit.
+     The norms and RoPE are checked there against independent formulas written in the
      test: RMSNorm / LayerNorm / residual + RMSNorm / residual + LayerNorm (h bit for bit, norm(h)
      within one ulp; with an fp32 or other-half weight the RMSNorm output dtype is the reference's
      and, on rows whose rms is a power of two, the product is rounded exactly once), and the three
@@ -68,7 +76,12 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
    * The same on realistic data (glmrt.quant.quantize_weight of random weights) against the fp32
      dequantized reference, within the output dtype's rounding plus fp32 summation slack; and
      against glmrt.ops.linear (what the plan would run otherwise).
-   * The plan wrappers: M > 8 takes the reference path (equal to glmrt.ops.linear); a weight
+   * Prefill (M > 8, here 9 and 64, every dtype, int8 / int4, per-channel and g32 / g128): the
+     native dequantization equals glmrt.quant.dequantize bit for bit on the device, and the plan
+     wrapper (dequantize, then torch's F.linear: cuBLAS / hipBLAS) equals glmrt.ops.linear bit for
+     bit (the same GEMM call on the same weight); under graph capture, each replay within one bf16
+     rounding of the reference (a captured GEMM may sum in another order).
+   * The plan wrappers: a weight
      whose base pointer is not 16-byte aligned (scalar-load path); non-contiguous input; a side
      stream; CUDA / HIP graph capture and replay.
    * Decode attention through the plan wrapper vs glmrt.ops.attention: every dtype, GQA / MQA /
@@ -199,6 +212,17 @@ def test_argument_errors_are_raised_before_touching_a_device(platform):
     with pytest.raises(RuntimeError, match="dtype"):
         module.rms_norm(1, 0, 1, 5, 1, 0, 1, 8, 1e-5, False, 0, 0)
     module.linear_int8(0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 64, 0, 0, 0)  # M = 0: nothing to do, no launch
+    #                         w scale sd out od N  K   group device stream
+    with pytest.raises(RuntimeError, match="dequantize_int8: dtype"):
+        module.dequantize_int8(1, 1, 0, 1, 3, 4, 64, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="dequantize_int4: dtype"):
+        module.dequantize_int4(1, 1, 5, 1, 1, 4, 64, 32, 0, 0)
+    with pytest.raises(RuntimeError, match="dequantize_int4: group_size"):
+        module.dequantize_int4(1, 1, 1, 1, 1, 4, 64, -32, 0, 0)
+    with pytest.raises(RuntimeError, match="N and K"):
+        module.dequantize_int8(1, 1, 1, 1, 1, -1, 64, 0, 0, 0)
+    module.dequantize_int8(0, 0, 1, 0, 1, 0, 64, 0, 0, 0)  # N = 0: nothing to do, no launch
+    module.dequantize_int4(0, 0, 1, 0, 1, 16, 0, 32, 0, 0)  # K = 0
     module.rms_norm(0, 1, 0, 1, 0, 1, 0, 4096, 1e-5, True, 0, 0)  # rows = 0
     # The output dtype must be the reference's: x's, or with round_before_weight the promotion of
     # x and weight (bf16 x, fp32 weight -> fp32; bf16 x, fp16 weight -> fp32). A wrong one would
@@ -352,9 +376,10 @@ def test_supports_predicates():
     assert "group size 48" in linear_ok(linear_node(4096, 4096, torch.bfloat16, 4, 48))
     assert "2-bit" in linear_ok(linear_node(4096, 4096, torch.bfloat16, 2, 0))
     assert "float64" in linear_ok(linear_node(4096, 4096, torch.float64, 8, 0))
-    # Symbolic B, T: decided per call. Concrete leading dims: refused above the GEMV bound.
+    # Any M: the GEMV up to GEMV_MAX_M rows (decided per call under symbolic B, T), beyond that the
+    # native dequantize + cuBLAS, so concrete prefill-sized leading dims are accepted too.
     assert linear_ok(linear_node(4096, 4096, torch.bfloat16, 8, 0, lead=(1, GEMV_MAX_M))) is None
-    assert "prefill-sized" in linear_ok(linear_node(4096, 4096, torch.bfloat16, 8, 0, lead=(2, 512)))
+    assert linear_ok(linear_node(4096, 4096, torch.bfloat16, 8, 0, lead=(2, 512))) is None
 
 
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
@@ -851,15 +876,100 @@ def test_quant_gemv_realistic_weights_through_the_plan_kernel(dtype, bits, group
             assert bool((diff <= slack).all()), f"{what}: differs from glmrt.ops.linear by {diff.max().item():.3g}"
 
 
+class _CallLog:
+    """A kernel module that records which functions the plan wrapper called."""
+
+    def __init__(self, module):
+        self._module, self.calls = module, []
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return call
+
+
+def _check_prefill_wrapper(wrapper, log, device):
+    """The plan wrapper with M = 9 and M = 64 (> GEMV_MAX_M): one native dequantize, then torch's
+    F.linear; equal to glmrt.ops.linear (the same GEMM call on a bit-identical weight)."""
+    for dtype in DTYPES:
+        for bits, group, bias in [(8, 0, True), (4, 32, False), (4, 0, True), (8, 128, False)]:
+            for lead in [(1, 9), (2, 32)]:
+                m, n, k = lead[0] * lead[1], 40, 259
+                x, stored, scale, b = _realistic(m, n, k, bits, group, dtype, bias, seed=m + bits + group)
+                node = linear_node(k, n, dtype, bits, group, bias=bias)
+                params = {"weight": stored.to(device), "scale": scale.to(device)}
+                if b is not None:
+                    params["bias"] = b.to(device)
+                xd = x.to(device).view(*lead, k)
+                log.calls.clear()
+                got = wrapper.quant_linear(None, node, [xd], params)
+                assert log.calls == [f"dequantize_int{bits}"], log.calls
+                want = ops.linear(None, node, [xd], params)
+                what = f"int{bits} g{group} {dtype} M={m} bias={bias}"
+                assert got.shape == want.shape == (*lead, n) and got.dtype == want.dtype == dtype, what
+                assert torch.equal(got, want), f"{what}: {_first_mismatch(got, want)}"
+
+
 @needs_gpu
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_gemv_prefill_sized_m_takes_the_reference_path(bits):
-    kernel = _kernels()["native.quant_gemv"]
-    x, stored, scale, b = _realistic(3 * 7, 64, 256, bits, 32, torch.bfloat16, True, seed=3)
-    node = linear_node(256, 64, torch.bfloat16, bits, 32)
+def test_quant_dequantize_matches_the_reference_on_the_device(bits):
+    """The prefill kernel's dequantized weight is glmrt.quant.dequantize's, bit for bit."""
+    module = gpu_module
+    dequant = module.dequantize_int8 if bits == 8 else module.dequantize_int4
+    for dtype in DTYPES:
+        for scale_dtype in {dtype, torch.float32}:
+            for group in (0, 32, 128):
+                for n, k in [(3, 77), (129, 4096), (1024, 4097)]:
+                    g = torch.Generator().manual_seed(n + k + group)
+                    w = torch.randn(n, k, generator=g) * 0.05
+                    stored, scale = quantize_weight(w.to(dtype), bits, group, scale_dtype)
+                    stored, scale = stored.cuda(), scale.cuda()
+                    out = torch.full((n, k), float("nan"), dtype=dtype, device="cuda")
+                    dequant(stored.data_ptr(), scale.data_ptr(), CODES[scale.dtype], out.data_ptr(), CODES[dtype],
+                            n, k, group, torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+                    want = dequantize(stored, scale, bits, group, k, dtype)
+                    assert torch.equal(out, want), (f"int{bits} g{group} {dtype} scales {scale_dtype} N={n} K={k}: "
+                                                    f"{_first_mismatch(out, want)}")
+
+
+@needs_gpu
+def test_quant_prefill_sized_m_is_dequantize_then_cublas():
+    """M > GEMV_MAX_M through the plan kernel: the native dequantize + torch's F.linear, equal to
+    glmrt.ops.linear; and the same under CUDA / HIP graph capture."""
+    from glmrt.backends.cuda import kernels as gpu_kernels
+
+    wrapper = gpu_kernels.NativeGpuKernels(MODULE_NAME)
+    log = _CallLog(gpu_module)
+    wrapper.module = lambda: (log, "")
+    _check_prefill_wrapper(wrapper, log, "cuda")
+    # The registered plan kernel takes the same path.
+    x, stored, scale, b = _realistic(64, 64, 256, 4, 32, torch.bfloat16, True, seed=3)
+    node = linear_node(256, 64, torch.bfloat16, 4, 32)
     params = {"weight": stored.cuda(), "scale": scale.cuda(), "bias": b.cuda()}
-    xd = x.cuda().view(3, 7, 256)  # M = 21 > GEMV_MAX_M
-    assert torch.equal(kernel.fn(None, node, [xd], params), ops.linear(None, node, [xd], params))
+    kernel = _kernels()["native.quant_gemv"]
+    static_x = x.cuda().view(2, 32, 256)
+    assert torch.equal(kernel.fn(None, node, [static_x], params), ops.linear(None, node, [static_x], params))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch recommends before capture
+        kernel.fn(None, node, [static_x], params)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel.fn(None, node, [static_x], params)
+    for seed in range(2):
+        static_x.copy_(torch.randn(2, 32, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        # The dequantized weight is exact; the captured cuBLAS call may pick another reduction
+        # order than an eager one, which can move one bf16 rounding of an output.
+        ref = ops.linear(None, node, [static_x], params).float()
+        err = (captured.float() - ref).abs().max().item()
+        assert err <= 2.0**-7 * ref.abs().max().item(), f"replay {seed}: differs from glmrt.ops.linear by {err}"
 
 
 @needs_gpu
@@ -1031,6 +1141,64 @@ def test_emulated_quant_gemv_exact(emulated, case):
     _within_timeout(launch, x.data_ptr(), CODES[dtype], stored.data_ptr(), scale.data_ptr(), CODES[dtype],
                     b.data_ptr() if b is not None else 0, CODES[dtype], out.data_ptr(), m, n, k, group, 0, 0)
     assert torch.equal(out, want), f"{case}: {_first_mismatch(out, want)}"
+
+
+def _independent_dequantize(q, scale, group, dtype):
+    """The formula: float32(q) * float32(scale) (one fp32 rounding), then rounded to dtype. q is the
+    unpacked (N, K) int8 tensor, scale (N,) or (N, G)."""
+    n, k = q.shape
+    s = scale.float()
+    s = s[:, None].expand(n, k) if group == 0 else s[:, torch.arange(k) // group]
+    return (q.float() * s).to(dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_emulated_dequantize_exact(emulated, bits):
+    """The prefill dequantization, bit for bit against the formula, on odd K not a multiple of the
+    group, N over two blocks (23 * ceil(101 / 8) = 299 chunks of 8) or under one, random-mantissa
+    scales (the fp32 product rounds, then the half rounding), tiny scales whose fp16 products are
+    subnormal, and fp32 scales under bf16 activations (two roundings)."""
+    dequant = emulated.dequantize_int8 if bits == 8 else emulated.dequantize_int4
+    qmax = 2 ** (bits - 1) - 1
+    cases = [(dtype, dtype) for dtype in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    for out_dtype, scale_dtype in cases:
+        for group in (0, 32, 64, 12):  # 12: group boundaries inside a thread's 8 elements (the kernel API allows it)
+            for n, k in [(23, 101), (3, 77)]:
+                seed = zlib.crc32(repr((bits, out_dtype, scale_dtype, group, n, k)).encode())
+                g = torch.Generator().manual_seed(seed)
+                q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=g, dtype=torch.int8)
+                q[0, :2 * (qmax + 1)] = torch.arange(-qmax - 1, qmax + 1)[:k]  # the whole range, both nibbles
+                stored = pack_int4(q) if bits == 4 else q
+                groups = 1 if group == 0 else -(-k // group)
+                scale = (torch.rand((n,) if group == 0 else (n, groups), generator=g) * 0.02 + 1e-4)
+                scale.view(-1)[-1] = 3e-8  # products below fp16's normal range
+                scale = scale.to(scale_dtype)
+                want = _independent_dequantize(q, scale, group, out_dtype)
+                # The formula is the reference's (glmrt.quant.dequantize, what glmrt.ops.linear uses).
+                assert torch.equal(want, dequantize(stored, scale, bits, group, k, out_dtype))
+                out = torch.full((n, k), float("nan"), dtype=out_dtype)
+                _within_timeout(dequant, stored.data_ptr(), scale.data_ptr(), CODES[scale_dtype], out.data_ptr(),
+                                CODES[out_dtype], n, k, group, 0, 0)
+                what = f"int{bits} g{group} out {out_dtype} scales {scale_dtype} N={n} K={k}"
+                assert torch.equal(out, want), f"{what}: {_first_mismatch(out, want)}"
+
+
+def test_emulated_quant_linear_prefill_wrapper(emulated, monkeypatch):
+    """The plan wrapper's prefill path (M > GEMV_MAX_M: dequantize, then F.linear) on the emulated
+    kernel, on CPU tensors, against glmrt.ops.linear, bit for bit."""
+    from glmrt.backends.cuda import kernels as gpu_kernels
+
+    wrapper = gpu_kernels.NativeGpuKernels("_native_cuda")
+    log = _CallLog(emulated)
+    monkeypatch.setattr(wrapper, "module", lambda: (log, ""))
+    monkeypatch.setattr(gpu_kernels, "_stream", lambda device: 0)
+    _check_prefill_wrapper(wrapper, log, "cpu")
+    # M <= GEMV_MAX_M stays on the GEMV.
+    x, stored, scale, _ = _realistic(2, 5, 64, 8, 0, torch.float32, False, seed=1)
+    log.calls.clear()
+    wrapper.quant_linear(None, linear_node(64, 5, torch.float32, 8, 0, bias=False), [x.view(1, 2, 64)],
+                         {"weight": stored, "scale": scale})
+    assert log.calls == ["linear_int8"]
 
 
 @pytest.mark.parametrize("round_before_weight", [False, True])
