@@ -50,6 +50,11 @@ class CPUBackend(Backend):
             if hasattr(kernels.native()[0], "linear_int4"):  # a module built before the quantized kernels lacks it
                 out.insert(0, Kernel("linear", "native.quant_linear", NATIVE, kernels.native_quant_linear,
                                      kernels.native_quant_linear_supports))
+            if hasattr(kernels.native()[0], "linear_float"):
+                out.insert(0, Kernel("linear", "native.float_gemv", NATIVE, kernels.native_float_linear,
+                                     kernels.native_float_linear_supports))
+                out.insert(0, Kernel("lm_head", "native.float_gemv", NATIVE, kernels.native_lm_head,
+                                     kernels.native_float_linear_supports))
             out += native_ops.kernels()  # LayerNorm, RoPE, attention (native over vendor: ranked by kind)
         return out
 

@@ -94,3 +94,57 @@ def native_quant_linear(ctx, node, inputs, params):
         bias.data_ptr() if bias is not None else 0, _native.DTYPE_CODES[bias.dtype] if bias is not None else 0,
         out.data_ptr(), m, n, k, group)
     return out
+
+
+# ----------------------------------------------------------------------------- float decode GEMV
+# Unquantized linears and the LM head at decode: native/cpu/gemv_float.cpp streams the weight once
+# with fp32 FMAs (bf16 / fp16 widened exactly) and rounds once, what F.linear computes up to the fp32
+# summation order. Used for at most FLOAT_GEMV_MAX_M rows of activations with x, weight and bias of
+# one dtype; prefill and mixed dtypes take torch's F.linear (oneDNN), which is the faster GEMM. The
+# reason (2 threads, bf16, M = 1, weights from DRAM, 2026-12-02): torch's GEMV read 9.5 GB/s on the
+# 4096 x 13696 down projection and 20-21 GB/s on the 27392- and 65024-row ones; this one 21-22.5.
+def native_float_linear_supports(node) -> str | None:
+    if node.attrs.get("quant") is not None:
+        return "weight-only quantized: native.quant_linear's"
+    spec = node.input_specs[0] if node.input_specs else None
+    if spec is None:
+        return "no input shape"
+    if spec.dtype not in _native.DTYPE_CODES:
+        return f"activations in {spec.dtype}: the native GEMV takes float32, bfloat16 or float16"
+    return None
+
+
+def _float_gemv(module, x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor | None:
+    """x2d (M, K) @ weight^T + bias with the native GEMV, or None when it does not apply."""
+    m, k = x2d.shape
+    if (m > module.FLOAT_GEMV_MAX_M or x2d.dtype not in _native.DTYPE_CODES or weight.dtype != x2d.dtype
+            or weight.dim() != 2 or weight.shape[1] != k or (bias is not None and bias.dtype != x2d.dtype)):
+        return None
+    x2d, weight = x2d.contiguous(), weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x2d.dtype)
+    if m and n:
+        module.linear_float(x2d.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                            out.data_ptr(), _native.DTYPE_CODES[x2d.dtype], m, n, k)
+    return out
+
+
+def native_float_linear(ctx, node, inputs, params):
+    module, _ = native()
+    x = inputs[0]  # (..., K)
+    out = _float_gemv(module, x.reshape(-1, x.shape[-1]), params["weight"], params.get("bias"))
+    if out is None:
+        return ops.linear(ctx, node, inputs, params)
+    return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
+
+
+def native_lm_head(ctx, node, inputs, params):
+    module, _ = native()
+    x = inputs[0]  # (B, T, H)
+    last = x[:, -1] if ctx.last_only else x.reshape(-1, x.shape[-1])  # (B, H) or (B*T, H)
+    out = _float_gemv(module, last, params["weight"], None)
+    if out is None:
+        return ops.lm_head(ctx, node, inputs, params)
+    return out[:, None] if ctx.last_only else out.reshape(*x.shape[:-1], out.shape[-1])  # (B, 1, V) / (B, T, V)

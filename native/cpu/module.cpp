@@ -2,6 +2,7 @@
 // dtype codes, so the module does not link against torch; glmrt wraps them as torch ops.
 #include <pybind11/pybind11.h>
 
+#include "gemv_float.h"
 #include "gemv_quant.h"
 #include "membw.h"
 #include "norm.h"
@@ -78,5 +79,21 @@ PYBIND11_MODULE(_native_cpu, m) {
       "Read bytes once with wide vector loads on `threads` threads (memory bandwidth probe); returns a checksum "
       "(the wrapping sum of the 64-bit words)");
   m.def("read_stream_isa", &glmrt::read_stream_isa, "Vector path of read_stream: avx512, avx2 or scalar");
+  m.def(
+      "linear_float",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int dtype, int64_t M, int64_t N, int64_t K) {
+        const glmrt::DType t = to_dtype(dtype);
+        if (M > glmrt::kFloatGemvMaxM) throw py::value_error("linear_float: M must be <= FLOAT_GEMV_MAX_M");
+        py::gil_scoped_release release;
+        glmrt::linear_float(as_ptr(x), as_ptr(w), bias ? as_ptr(bias) : nullptr, as_ptr(out), t, M, N, K);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("M"), py::arg("N"),
+      py::arg("K"),
+      "out[M,N] = x[M,K] @ w[N,K]^T + bias, one dtype for all (fp32 math, rounded once); M <= FLOAT_GEMV_MAX_M; "
+      "bias 0 = none");
+  m.attr("FLOAT_GEMV_MAX_M") = glmrt::kFloatGemvMaxM;
+  m.def("linear_float_isa", &glmrt::linear_float_isa, "Vector path of linear_float: avx512, avx2 or scalar");
+  m.def("set_linear_float_isa", [](const std::string& name) { return glmrt::set_linear_float_isa(name.c_str()); },
+        py::arg("name"), "Force a path no better than the CPU's (tests); False if unavailable");
   m.def("linear_int8_has_vnni", []() { return std::string(glmrt::quant_linear_isa()) == "avx512vnni"; });
 }
