@@ -397,9 +397,12 @@ def markdown(doc: dict) -> str:
         lines.append(f"- {row['glmrt_format']} vs {row['chatglm_cpp_type']}: glmrt is **{row['speedup_median']:.2f}x** "
                      f"chatglm.cpp's tokens/s (median per-token times); glmrt's linears run "
                      f"{', '.join(row['glmrt']['linear_impls'])}.")
-    lines += ["", "Bytes read per token: every matrix but the embedding (one row of it is read). chatglm.cpp's q4_0 / "
-              "q8_0 files quantize the output layer too (as its converter does); glmrt keeps the LM head in bf16 and "
-              "quantizes the four linears of each layer (as the ChatGLM / GLM-130B releases do).", ""]
+    lines += ["", "Bytes read per token: every matrix but the embedding (one row of it is read)."]
+    if any(row["glmrt_format"] != "bf16" for row in doc["rows"]):
+        lines += ["chatglm.cpp's q4_0 / q8_0 files quantize the output layer too (as its converter does); glmrt keeps "
+                  "the LM head in bf16 and quantizes the four linears of each layer (as the ChatGLM / GLM-130B "
+                  "releases do)."]
+    lines += [""]
     return "\n".join(lines)
 
 
