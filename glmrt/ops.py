@@ -206,6 +206,24 @@ def rope(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str
 
 
 # ----------------------------------------------------------------------------- attention
+def update_kv_cache(ctx: ForwardContext, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write this step's keys and values (B, T, nkv, hd) into the layer's cache and return what
+    attention reads: (B, nkv, S, hd) views of the cache. Static decode (ctx.cache_pos_t, graph
+    capture) writes at the device position and returns all max_len positions, which ctx.allowed
+    masks; otherwise the slice at ctx.cache_pos is written and the first pos + T returned. Every
+    attention kernel (reference and native) writes the cache through this one function."""
+    keys, values = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd)
+    if ctx.cache_pos_t is not None:
+        index = ctx.cache_pos_t.view(1)
+        keys.index_copy_(2, index, k.transpose(1, 2))
+        values.index_copy_(2, index, v.transpose(1, 2))
+        return keys, values
+    pos, T = ctx.cache_pos, k.shape[1]
+    keys[:, :, pos:pos + T] = k.transpose(1, 2)
+    values[:, :, pos:pos + T] = v.transpose(1, 2)
+    return keys[:, :, :pos + T], values[:, :, :pos + T]
+
+
 def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
     """Grouped-query attention over the cache (if any) with an explicit boolean mask.
 
@@ -215,20 +233,11 @@ def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dic
     q, k, v = inputs
     B, T, nh, hd = q.shape
     nkv = a["num_kv_heads"]
-    k = k.transpose(1, 2)  # (B, nkv, T, hd)
-    v = v.transpose(1, 2)
-    if ctx.cache is not None and ctx.cache_pos_t is not None:
-        layer = a["layer_index"]
-        index = ctx.cache_pos_t.view(1)
-        ctx.cache.k[layer].index_copy_(2, index, k)
-        ctx.cache.v[layer].index_copy_(2, index, v)
-        k, v = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd), masked by `allowed`
-    elif ctx.cache is not None:
-        layer, pos = a["layer_index"], ctx.cache_pos
-        ctx.cache.k[layer][:, :, pos:pos + T] = k
-        ctx.cache.v[layer][:, :, pos:pos + T] = v
-        k = ctx.cache.k[layer][:, :, :pos + T]
-        v = ctx.cache.v[layer][:, :, :pos + T]
+    if ctx.cache is not None:
+        k, v = update_kv_cache(ctx, a["layer_index"], k, v)  # (B, nkv, S, hd)
+    else:
+        k = k.transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.transpose(1, 2)
     group = nh // nkv
     if group > 1:  # query head h reads KV group h // group
         k = k.repeat_interleave(group, dim=1)

@@ -234,16 +234,8 @@ def attention(ctx, node, inputs, params):
         if keys.dtype != q.dtype:
             raise ValueError(f"{node.name}: KV cache in {keys.dtype} but queries in {q.dtype}; build the cache in the "
                              "model dtype")
-        if ctx.cache_pos_t is not None:  # static decode: write at the device position, read all of it
-            index = ctx.cache_pos_t.view(1)
-            keys.index_copy_(2, index, k.transpose(1, 2))
-            values.index_copy_(2, index, v.transpose(1, 2))
-            S = keys.shape[2]
-        else:
-            pos = ctx.cache_pos
-            keys[:, :, pos:pos + T] = k.transpose(1, 2)
-            values[:, :, pos:pos + T] = v.transpose(1, 2)
-            S = pos + T
+        keys, values = ops.update_kv_cache(ctx, layer, k, v)  # (B, nkv, S, hd) views of the cache
+        S = keys.shape[2]
         layout = "cache"
     else:
         keys, values, S, layout = k, v, T, "fresh"

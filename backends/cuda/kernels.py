@@ -166,16 +166,8 @@ class NativeGpuKernels:
     def rms_norm_supports(node) -> str | None:
         kind = node.attrs.get("kind")
         if kind != "rmsnorm":
-            return f"norm kind {kind!r}: the native kernel does RMSNorm only"
-        spec = node.input_specs[0] if node.input_specs else None
-        if spec is None:
-            return "no input shape"
-        if spec.dtype not in _native.DTYPE_CODES:
-            return f"activations in {spec.dtype}: the native kernel takes float32, bfloat16 or float16"
-        cols = spec.shape[-1]
-        if not isinstance(cols, int) or cols < 1:
-            return f"normalized width {cols!r} is not a positive integer"
-        return None
+            return f"norm kind {kind!r}: native.rms_norm does RMSNorm only"
+        return _row_spec_refusal(node, "native.rms_norm")
 
     def rms_norm(self, ctx, node, inputs, params):
         x = inputs[0]  # (..., H)
@@ -466,17 +458,8 @@ class NativeGpuKernels:
             raise ValueError(f"{node.name}: q {tuple(q.shape)} with k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
                              f"k and v of ({B}, {T}, {nkv}, {hd})")
         if cache is not None:
-            keys, values = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hd)
-            if ctx.cache_pos_t is not None:  # static decode: write at the device position, read all of it
-                index = ctx.cache_pos_t.view(1)
-                keys.index_copy_(2, index, k.transpose(1, 2))
-                values.index_copy_(2, index, v.transpose(1, 2))
-                S = keys.shape[2]
-            else:
-                pos = ctx.cache_pos
-                keys[:, :, pos:pos + T] = k.transpose(1, 2)
-                values[:, :, pos:pos + T] = v.transpose(1, 2)
-                S = pos + T
+            keys, values = ops.update_kv_cache(ctx, layer, k, v)  # (B, nkv, S, hd) views of the cache
+            S = keys.shape[2]
             # (batch, kv head, key position) element strides of the cache layout
             k_strides, v_strides = keys.stride()[:3], values.stride()[:3]
         else:
