@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, gguf_checkpoint
 from .backends import list_backends as _list_backends
 from .backends import get_backend, require_available
 from .config import GLMConfig, dtype_name, parse_dtype
@@ -72,8 +72,10 @@ class Prepared:
     cfg: GLMConfig
     graph: Graph
     weights: dict[str, torch.Tensor]
-    directory: Path | None  # None for a synthetic preset
+    directory: Path | None  # None for a synthetic preset (and a GGUF file, which carries its tokenizer)
     generation: object
+    tokenizer: object = None  # a tokenizer read from the weights file itself (GGUF), with its chat family
+    chat_family: str | None = None
 
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
@@ -85,6 +87,8 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
         random weights with a fixed seed; see glmrt.models.PRESETS). Quantized checkpoints load as
         they are: `glmrt quantize` output, the released ChatGLM int4/int8 checkpoints
         (`quantization_bit` in config.json) and GLM-130B rank files quantized by its scripts.
+        A `.gguf` file (or a directory holding one) loads too (glmrt.gguf_checkpoint): Q8_0 / Q4_0
+        as INT8 / INT4 in groups of 32 exactly; k-quants only with `quantize` (re-quantized, lossy).
     backend: "auto" (first available of cuda, rocm, npu, cpu), a backend name or alias.
     dtype: torch dtype or "float32" / "bfloat16" / "float16"; None keeps the checkpoint's.
     layers: keep only the first N layers (for synthetic presets, benchmarks and demos).
@@ -110,7 +114,9 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     graph = _fuse(prep.graph, be, fuse)
     plan = lower(graph, be, weights, strict=strict, kernels=kernels)
     model = Model(prep.cfg, graph, plan, weights, prep.source)
-    if prep.directory is not None:
+    if prep.tokenizer is not None:
+        model.tokenizer, model.chat_family = prep.tokenizer, prep.chat_family
+    elif prep.directory is not None:
         family = tokenizer_family(prep.cfg, prep.directory)
         if family is not None:
             from .tokenizer import load_tokenizer
@@ -146,6 +152,11 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
     `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any).
     ``materialize=False``: the weights are meta tensors of the right shapes and dtypes (nothing is
     read or generated), for planning without loading."""
+    gguf_file = gguf_checkpoint.find_gguf(path_or_preset)
+    if gguf_file is not None:  # a GGUF file, or a directory holding one (glmrt.gguf_checkpoint)
+        return gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
+                                       layers=layers, quantize=quantize, token_ids=token_ids, progress=progress,
+                                       materialize=materialize)
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
     spec = str(path_or_preset)

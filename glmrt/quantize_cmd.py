@@ -112,6 +112,10 @@ def quantize_checkpoint(src: str, dst: str | os.PathLike, bits: int, group_size:
                           "never overwrites a checkpoint)")
     if str(dst.resolve()) == str(Path(src).expanduser().resolve()):
         raise ConfigError("DST must differ from SRC")
+    from .gguf_checkpoint import find_gguf
+    if find_gguf(src) is not None:
+        raise ConfigError(f"{src} is a GGUF file: glmrt loads it directly (glmrt.load / --model), Q8_0 and Q4_0 as "
+                          "INT8 / INT4 in groups of 32; `glmrt quantize` converts checkpoint directories only")
     quantize = f"int{bits}" + (f"-g{group_size}" if group_size else "")
     prep = prepare(src, dtype=dtype, layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
     model_dtype = prep.graph.dtype

@@ -286,10 +286,13 @@ class ChatGLMSentencePieceTokenizer(Tokenizer):
 
     ``decode`` drops bos, eos and pad/unk, as the release's ``convert_id_to_token`` maps them to ""."""
 
-    def __init__(self, model_path: str | Path, *, family: str, commands: tuple[str, ...]):
+    def __init__(self, model_path: str | Path, *, family: str, commands: tuple[str, ...],
+                 model_proto: bytes | None = None):
         self.family = family
         self.path = Path(model_path)
-        self._sp = _load_sentencepiece(self.path, family)
+        # model_proto: a model rebuilt from another file's vocabulary (a GGUF's), which model_path names.
+        self._sp = (_load_sentencepiece(self.path, family) if model_proto is None else
+                    _require("sentencepiece", f"read {self.path.name}").SentencePieceProcessor(model_proto=model_proto))
         n = self._sp.get_piece_size()
         self.special = _with_uniform_aliases({name: n + i for i, name in enumerate(commands)})
         self._id_to_special = self._special_names_by_id(commands)
@@ -450,15 +453,17 @@ class HFTokenizer(Tokenizer):
     Jinja template when its tokenizer_config.json (or chat_template.jinja) has one."""
 
     def __init__(self, tokenizer_path: str | Path, *, config: Mapping[str, Any] | None = None,
-                 chat_template: str | None = None, eos_token: str | None = None, family: str = "hf"):
+                 chat_template: str | None = None, eos_token: str | None = None, family: str = "hf",
+                 tokenizer: Any = None):
         tokenizers = _require("tokenizers", "read tokenizer.json")
         self.family = family
         self.path = Path(tokenizer_path)
-        if not self.path.is_file():
+        # tokenizer: a tokenizers.Tokenizer built in memory (from a GGUF's vocabulary), which tokenizer_path names.
+        if tokenizer is None and not self.path.is_file():
             raise CheckpointError(f"{self.path} not found: an HF-format checkpoint keeps its tokenizer in "
                                   f"tokenizer.json; copy it from the model's release into {self.path.parent}")
         try:
-            self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+            self._tok = tokenizer if tokenizer is not None else tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises its own Exception subclass
             raise CheckpointError(f"{self.path} could not be read by the tokenizers package ({exc}); the file is "
                                   f"corrupt or from a newer tokenizers release: download it again or upgrade "
