@@ -100,6 +100,7 @@ class GGUFFile:
         gguf = require_gguf()
         self.path = Path(path)
         self._gguf = gguf
+        self._dequantizable: dict[str, bool] = {}
         size = self.path.stat().st_size
         try:
             reader = gguf.GGUFReader(str(self.path))
@@ -172,16 +173,18 @@ class GGUFFile:
         return torch.from_numpy(np.ascontiguousarray(glmrt_bytes).view(np.int8).reshape(n, k // 2))
 
     def dequantizable(self, kind: str) -> bool:
-        """Whether the gguf package can dequantize a tensor type (probed on one zero block)."""
-        qtype = self._gguf.GGMLQuantizationType[kind]
-        if kind.startswith("I") and kind[1:].isdigit() or kind == "F64":
-            return False  # integer / double tensors are not a weight format of these models
-        block, size = self._gguf.GGML_QUANT_SIZES[qtype]
-        try:
-            self._gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
-        except (NotImplementedError, ValueError, KeyError):
-            return False
-        return True
+        """Whether the gguf package can dequantize a tensor type (probed once on one zero block)."""
+        if kind not in self._dequantizable:
+            qtype = self._gguf.GGMLQuantizationType[kind]
+            ok = not (kind.startswith("I") and kind[1:].isdigit() or kind == "F64")  # not weight formats here
+            if ok:
+                size = self._gguf.GGML_QUANT_SIZES[qtype][1]
+                try:
+                    self._gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+                except (NotImplementedError, ValueError, KeyError):
+                    ok = False
+            self._dequantizable[kind] = ok
+        return self._dequantizable[kind]
 
 
 class _GGUFTensors:
@@ -374,13 +377,16 @@ def build_tokenizer(file: GGUFFile):
 
 # ---------------------------------------------------------------------------------------------- config
 def _torch_dtype(file: GGUFFile) -> str:
-    """The dtype a model runs in by default: that of the float 2-D weights (the embedding first),
-    else float32 (as llama.cpp computes quantized models)."""
+    """The dtype a model runs in by default: that of a float embedding or LM head, else the one
+    ``general.file_type`` names (MOSTLY_F16 / MOSTLY_BF16), else float32, in which llama.cpp
+    computes quantized models."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    for name in ("token_embd.weight", "output.weight", *sorted(file.tensors)):
-        if name in file.tensors and len(file.shape(name)) == 2 and file.type_name(name) in names:
+    for name in ("token_embd.weight", "output.weight"):
+        if name in file.tensors and file.type_name(name) in names:
             return names[file.type_name(name)]
-    return "float32"
+    file_types = {int(file._gguf.LlamaFileType.MOSTLY_F16): "float16",
+                  int(file._gguf.LlamaFileType.MOSTLY_BF16): "bfloat16"}
+    return file_types.get(file.metadata.get("general.file_type"), "float32")
 
 
 def config_from_file(file: GGUFFile):

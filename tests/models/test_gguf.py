@@ -438,3 +438,21 @@ def test_written_file_has_the_converters_metadata(tmp_path):
     assert "blk.0.attn_qkv.weight" in names and "blk.0.attn_qkv.bias" in names
     assert not any("rotary" in n or "inv_freq" in n or "rope_freqs" in n for n in names)
     assert json.dumps(sorted(names))  # plain names only
+
+
+def test_first_generation_blocks_and_splits_are_refused(tmp_path):
+    # A ChatGLM-6B-style block (LayerNorm with a bias) under arch chatglm: no llama.cpp converter writes it.
+    path = tmp_path / "glm6b.gguf"
+    w = gguf.GGUFWriter(str(path), "chatglm")
+    for name, shape in (("token_embd.weight", (256, 64)), ("blk.0.attn_norm.weight", (64,)),
+                        ("blk.0.attn_norm.bias", (64,))):
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="ChatGLM-6B or GLM-130B"):
+        glmrt.load(str(path), progress=False)
+    split = _small_gguf(tmp_path, "split.gguf", metadata={"split.count": 3, "split.no": 0})
+    with pytest.raises(UnsupportedModelError, match=r"part 1 of a GGUF split in 3 files.*llama-gguf-split --merge"):
+        glmrt.load(str(split), progress=False)
