@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import glmrt
 from glmrt import bench
+from glmrt.bench import baselines, machine, metrics, render
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 64, 96, 2, 4, 2, 16
 PROMPT_LEN, GEN_LEN = 8, 4
@@ -88,24 +89,24 @@ def test_run_succeeds_and_writes_every_file(run):
 
 def test_results_json_validates_against_the_schema(run):
     import jsonschema
-    schema = json.loads(bench.SCHEMA_PATH.read_text())
+    schema = json.loads(render.SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(run["doc"], schema, cls=jsonschema.Draft202012Validator)
-    assert bench.schema_problems(run["doc"]) == []
+    assert render.schema_problems(run["doc"]) == []
 
 
 def test_schema_rejects_a_broken_document(run):
     broken = copy.deepcopy(run["doc"])
     del broken["results"][0]["ttft_s"]
     broken["results"][1]["drift"]["top1_agreement"] = 1.5
-    problems = bench.schema_problems(broken)
+    problems = render.schema_problems(broken)
     assert len(problems) >= 2
 
 
 def test_every_requested_setting_ran(run):
     ids = set(run["by_id"])
     assert {"cpu/float32/none", "cpu/float32/int8", "torch-eager@cpu/float32"} <= ids
-    if bench._transformers_version() is not None:
+    if machine._transformers_version() is not None:
         assert "transformers@cpu/float32" in ids
     else:
         assert any("transformers" in s["setting"] for s in run["doc"]["skipped"])
@@ -191,7 +192,7 @@ def test_baselines_generate_what_glmrt_generates(run):
     for rid in ("torch-eager@cpu/float32", "transformers@cpu/float32"):
         if rid in run["by_id"]:
             assert run["by_id"][rid]["generated_ids"] == want, rid
-            assert run["by_id"][rid]["label"] and run["by_id"][rid]["runner"] in bench.BASELINES
+            assert run["by_id"][rid]["label"] and run["by_id"][rid]["runner"] in baselines.BASELINES
 
 
 def test_markdown_has_table_stamp_and_definitions(run):
@@ -259,43 +260,43 @@ def test_compare_refuses_a_file_that_is_not_a_bench_result(tmp_path, capsys):
 
 def test_percentile_matches_linear_interpolation():
     values = [4.0, 1.0, 3.0, 2.0]
-    assert bench.percentile(values, 50) == 2.5
-    assert bench.percentile(values, 90) == pytest.approx(3.7)
-    assert bench.percentile([5.0], 90) == 5.0
+    assert metrics.percentile(values, 50) == 2.5
+    assert metrics.percentile(values, 90) == pytest.approx(3.7)
+    assert metrics.percentile([5.0], 90) == 5.0
 
 
 def test_published_bandwidth_matches_device_names():
-    assert bench.published_bandwidth("NVIDIA H100 80GB HBM3")["bytes_per_s"] == 3.35e12
-    assert bench.published_bandwidth("NVIDIA H200")["bytes_per_s"] == 4.8e12
-    assert bench.published_bandwidth("NVIDIA A100-SXM4-80GB")["bytes_per_s"] == 2.04e12
-    assert bench.published_bandwidth("NVIDIA H100 PCIe") is None
-    assert bench.published_bandwidth("NVIDIA A100 80GB PCIe") is None
-    assert bench.published_bandwidth("NVIDIA GeForce RTX 4090") is None
+    assert machine.published_bandwidth("NVIDIA H100 80GB HBM3")["bytes_per_s"] == 3.35e12
+    assert machine.published_bandwidth("NVIDIA H200")["bytes_per_s"] == 4.8e12
+    assert machine.published_bandwidth("NVIDIA A100-SXM4-80GB")["bytes_per_s"] == 2.04e12
+    assert machine.published_bandwidth("NVIDIA H100 PCIe") is None
+    assert machine.published_bandwidth("NVIDIA A100 80GB PCIe") is None
+    assert machine.published_bandwidth("NVIDIA GeForce RTX 4090") is None
 
 
 def test_logit_drift_of_identical_and_shifted_logits():
     ref = torch.randn(1, 5, 11, generator=torch.Generator().manual_seed(0))
-    same = bench.logit_drift(ref.clone(), ref)
+    same = metrics.logit_drift(ref.clone(), ref)
     assert same == {"max_abs_logit_diff": 0.0, "top1_agreement": 1.0, "mean_kl": 0.0, "positions": 5}
-    shifted = bench.logit_drift(ref + 3.0, ref)  # a constant shift changes no probability
+    shifted = metrics.logit_drift(ref + 3.0, ref)  # a constant shift changes no probability
     assert shifted["max_abs_logit_diff"] == pytest.approx(3.0) and shifted["mean_kl"] < 1e-12
-    flipped = bench.logit_drift(-ref, ref)
+    flipped = metrics.logit_drift(-ref, ref)
     assert flipped["top1_agreement"] == 0.0 and flipped["mean_kl"] > 0.1
 
 
 def test_full_depth_estimate_scales_by_bytes():
     traffic = {"bytes_per_step": 1000.0, "num_layers": 2, "layer_weight_bytes": 300, "kv_bytes_per_token_per_layer": 1,
                "mean_context": 50.0}
-    est = bench.full_depth_estimate(traffic, tpot_mean=0.01, batch=1, full_layers=4)
+    est = metrics.full_depth_estimate(traffic, tpot_mean=0.01, batch=1, full_layers=4)
     # per layer: 300 + 50 bytes; fixed: 1000 - 2 * 350 = 300; full: 300 + 4 * 350 = 1700.
     assert est["bytes_per_step_full"] == 1700
     assert est["tpot_s_full"] == pytest.approx(0.017) and est["per_layer_tpot_s"] == pytest.approx(0.0035)
-    assert bench.full_depth_estimate(traffic, 0.01, 1, full_layers=2) is None
+    assert metrics.full_depth_estimate(traffic, 0.01, 1, full_layers=2) is None
 
 
 def test_summarize_timings_from_token_times():
-    runs = [bench.RunTiming([0.5, 0.6, 0.8, 0.9]), bench.RunTiming([0.4, 0.5, 0.6, 0.7])]
-    s = bench.summarize_timings(runs, batch=2, prompt_len=8)
+    runs = [metrics.RunTiming([0.5, 0.6, 0.8, 0.9]), metrics.RunTiming([0.4, 0.5, 0.6, 0.7])]
+    s = metrics.summarize_timings(runs, batch=2, prompt_len=8)
     assert s["ttft_s"]["values"] == [0.5, 0.4]
     assert s["tpot_s"]["per_run"]["values"] == pytest.approx([0.4 / 3, 0.1])
     assert s["tpot_s"]["mean"] == pytest.approx((0.4 / 3 + 0.1) / 2)
@@ -305,7 +306,7 @@ def test_summarize_timings_from_token_times():
 
 
 def test_an_installed_copy_reports_the_commit_it_was_built_from(tmp_path):
-    from glmrt.bench import git_commit
+    from glmrt.bench.machine import git_commit
     package = tmp_path / "site-packages" / "glmrt"
     package.mkdir(parents=True)
     assert git_commit(package) == {"commit": "unknown", "dirty": None}  # no checkout, no build info
