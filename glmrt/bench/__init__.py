@@ -1,6 +1,7 @@
-"""`glmrt bench`: the same model and the same prompts on every available backend, with the metrics
-of ../shared/PERF.md, written as JSON + markdown + a plot; `glmrt bench --compare A B` puts two runs
-side by side.
+"""`glmrt bench`: the same model and the same prompts on every available backend and baseline: TTFT,
+TPOT, tokens/s, peak memory, achieved bandwidth and drift against the float32 reference (defined in
+metrics.METRIC_NOTES, benchmarks/README.md and every results.md), written as JSON + markdown + a plot;
+`glmrt bench --compare A B` puts two runs side by side.
 
     glmrt bench synthetic:chatglm3-6b --layers 2 --backends cpu --dtype float32,bfloat16 \\
         --quantize none,int8 --repeat 3 --threads 2 --out benchmarks/results/DATE-cpu-chatglm3-6b-L2

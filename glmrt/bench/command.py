@@ -14,9 +14,10 @@ from .render import compare_runs, load_results, print_report, schema_problems
 from .runner import run_bench
 from .settings import config_from_args
 
-DESCRIPTION = ("`glmrt bench`: the same model and the same prompts on every available backend, with the metrics\n"
-               "of ../shared/PERF.md, written as JSON + markdown + a plot; `glmrt bench --compare A B` puts two runs\n"
-               "side by side.")
+DESCRIPTION = ("`glmrt bench`: the same model and the same prompts on every available backend and baseline: TTFT,\n"
+               "TPOT, tokens/s, peak memory, achieved bandwidth and drift against the float32 reference (defined in\n"
+               "benchmarks/README.md and in every results.md), written as JSON + markdown + a plot;\n"
+               "`glmrt bench --compare A B` puts two runs side by side.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

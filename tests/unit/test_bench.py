@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,20 @@ def test_cli_hook(run, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------
 # errors and helpers (no worker processes)
+
+
+def test_help_names_only_files_of_the_repository(capsys):
+    """`glmrt bench --help` once sent readers to ../shared/PERF.md, a file outside the repository."""
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "../" not in text
+    named = re.findall(r"[\w.-]+/[\w./-]+\.(?:md|json|py|sh)\b", text)  # paths, not A.json
+    assert named, "the help names where the metrics are defined"
+    for path in named:
+        assert (root / path).is_file(), path
 
 
 @pytest.mark.parametrize("argv, message", [
