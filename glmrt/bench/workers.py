@@ -213,8 +213,9 @@ def run_worker(task: dict, workdir: Path, name: str) -> dict:
     task_path, result_path = workdir / f"{name}.task.json", workdir / f"{name}.result.json"
     task_path.write_text(json.dumps(task), encoding="utf-8")
     cmd = [sys.executable, "-m", "glmrt.bench", "--worker", str(task_path), str(result_path)]
-    # cwd: the task's directory, never the caller's (a source checkout there would shadow the
-    # installed package and its compiled kernels: `python -m` puts the cwd first on sys.path).
+    # cwd: the task's directory, never the caller's: under a non-editable install a source checkout
+    # there would shadow the installed package and its compiled kernels (`python -m` puts the cwd
+    # first on sys.path); the README's editable install imports the same glmrt from anywhere.
     proc = subprocess.Popen(cmd, env=_worker_env(task["threads"]), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=str(Path(task_path).parent))
     tail = b""
