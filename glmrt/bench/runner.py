@@ -15,7 +15,7 @@ from ..errors import ConfigError, GLMRTError, InputError
 from .machine import cpu_read_bandwidth, load_average, stamp
 from .metrics import METRIC_NOTES, _log
 from .render import write_outputs
-from .settings import BenchConfig, Setting, describe_model, plan_settings, prompt_ids
+from .settings import BenchConfig, Setting, describe_model, plan_settings, prompt_ids, resolved_model
 from .workers import run_worker
 
 SCHEMA_VERSION = 1
@@ -47,7 +47,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="glmrt-bench-") as tmp:
         workdir = Path(tmp)
         doc["device_bandwidth"] = measure_device_bandwidth(cfg, settings, workdir)
-        base_task = {"model": cfg.model, "layers": cfg.layers, "threads": cfg.threads, "batch": cfg.batch,
+        base_task = {"model": resolved_model(cfg.model), "layers": cfg.layers, "threads": cfg.threads, "batch": cfg.batch,
                      "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len, "repeat": cfg.repeat,
                      "warmup": cfg.warmup, "prompt_ids": prompts, "full_num_layers": model_info["full_num_layers"],
                      "reference_logits": str(workdir / "reference_logits.pt")}

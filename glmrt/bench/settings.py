@@ -138,6 +138,15 @@ def describe_model(spec: str, layers: int | None):
     return info, cut
 
 
+def resolved_model(spec: str) -> str:
+    """The model as the workers get it: a checkpoint directory made absolute (they run in a directory
+    of their own, so a path relative to the caller's would not reach them); a preset as it is."""
+    from ..api import SYNTHETIC_PREFIX
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
 def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict]]:
     """Every setting to run, and every requested one that cannot run here with the reason."""
     from ..backends import get_backend, list_backends

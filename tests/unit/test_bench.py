@@ -233,6 +233,18 @@ def test_cli_hook(run, monkeypatch, capsys):
     assert "--backends" in capsys.readouterr().out
 
 
+def test_a_relative_checkpoint_directory_runs(tiny_ckpt, tmp_path, monkeypatch):
+    """The workers start in their own directory: a path relative to the caller's must reach them resolved."""
+    monkeypatch.chdir(tiny_ckpt.parent)
+    out = tmp_path / "out"
+    argv = [tiny_ckpt.name, "--backends", "cpu", "--quantize", "none", "--baseline", "none", "--repeat", "1",
+            "--warmup", "0", "--prompt-len", "4", "--gen-len", "2", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in doc["results"]] == ["ok"], [r.get("error") for r in doc["results"]]
+    assert doc["model"]["source"] == tiny_ckpt.name  # recorded as given
+
+
 # ------------------------------------------------------------------------------------------------
 # errors and helpers (no worker processes)
 
