@@ -20,8 +20,8 @@ How a run is made
   torch reference implementation (glmrt.ops), computed once per run in its own worker; every
   setting's `Model.logits` (a baseline's full forward) on the same prompt is compared with it.
 - The device bandwidth that achieved bandwidth is compared with is measured in the same run: on a
-  CPU a STREAM-like read (glmrt._native_cpu.read_stream, else torch.sum, over a buffer much
-  larger than the caches, same thread count); on a GPU the published figure (matched from the device name) and a measured
+  CPU a STREAM-like read (glmrt._native_cpu.read_stream, else torch.sum, over a buffer 4 x the
+  last-level caches, within 256 MiB..2 GiB: machine.cpu_stream_buffer_bytes; same thread count); on a GPU the published figure (matched from the device name) and a measured
   device-to-device copy.
 
 Metric definitions (also written next to every table in results.md): metrics.METRIC_NOTES.

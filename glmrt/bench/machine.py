@@ -15,8 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-CPU_STREAM_MIN_BYTES = 1 << 30  # the STREAM-like read buffer: at least 1 GiB ...
-CPU_STREAM_CACHE_FACTOR = 16  # ... and at least 16 x the last-level cache
+# The STREAM-like read buffer: CPU_STREAM_CACHE_FACTOR x the last-level caches (STREAM's rule: an
+# array at least 4 times the caches, so no pass is served from them), within [MIN, MAX] bytes and at
+# most a quarter of the memory available; 1 GiB where the caches are unknown.
+CPU_STREAM_CACHE_FACTOR = 4
+CPU_STREAM_MIN_BYTES = 256 << 20
+CPU_STREAM_MAX_BYTES = 2 << 30
+CPU_STREAM_DEFAULT_BYTES = 1 << 30
 CPU_STREAM_REPEATS = 7
 DEVICE_COPY_BYTES = 1 << 30
 DEVICE_COPY_REPEATS = 20
@@ -81,21 +86,64 @@ def cpu_info() -> dict:
             "last_level_cache_bytes": last_level_cache_bytes()}
 
 
-def last_level_cache_bytes() -> int | None:
-    """Size of the largest cache level cpu0 sees, from sysfs (None if unknown)."""
+def last_level_cache_bytes(cpu_root: Path | str = "/sys/devices/system/cpu") -> int | None:
+    """Total size of the last-level caches, every instance counted once (one L3 per socket, or per
+    chiplet), from sysfs; `lscpu` where sysfs has no cache entries; None if unknown."""
+    instances: dict[tuple[int, str], int] = {}  # (level, CPUs sharing it) -> bytes
+    for entry in sorted(Path(cpu_root).glob("cpu[0-9]*/cache/index[0-9]*")):
+        level, size = _read(str(entry / "level")).strip(), _parse_size(_read(str(entry / "size")))
+        kind = _read(str(entry / "type")).strip()
+        if not level.isdigit() or size is None or kind == "Instruction":
+            continue
+        shared = _read(str(entry / "shared_cpu_list")).strip() or str(entry.parent.parent.name)
+        instances[(int(level), shared)] = size
+    if instances:
+        top = max(level for level, _ in instances)
+        return sum(size for (level, _), size in instances.items() if level == top)
+    return _lscpu_last_level_cache_bytes()
+
+
+def _parse_size(text: str) -> int | None:
+    """sysfs cache sizes: "48K", "2048K", "32M"."""
+    text = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        return int(text.rstrip("KMG")) * mult
+    except ValueError:
+        return None
+
+
+def _lscpu_last_level_cache_bytes() -> int | None:
+    try:  # ALL-SIZE: the size of every instance of that cache together, in bytes with -B
+        proc = subprocess.run(["lscpu", "-B", "--caches=LEVEL,TYPE,ALL-SIZE"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     best = None
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for entry in sorted(base.glob("index*")) if base.is_dir() else []:
-        size = _read(str(entry / "size")).strip().upper()
-        if not size:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
-        try:
-            value = int(size.rstrip("KMG")) * mult
-        except ValueError:
-            continue
-        best = value if best is None else max(best, value)
-    return best
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = line.split()
+        if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit() and parts[1] != "Instruction":
+            if best is None or int(parts[0]) > best[0]:
+                best = (int(parts[0]), int(parts[2]))
+    return best[1] if best else None
+
+
+def cpu_stream_buffer_bytes(cache_bytes: int | None, available_bytes: int | None = None) -> int:
+    """The read probe's buffer size for last-level caches of `cache_bytes` (see CPU_STREAM_*)."""
+    if not cache_bytes:
+        size = CPU_STREAM_DEFAULT_BYTES
+    else:
+        size = min(max(CPU_STREAM_CACHE_FACTOR * cache_bytes, CPU_STREAM_MIN_BYTES), CPU_STREAM_MAX_BYTES)
+    if available_bytes:
+        size = min(size, max(available_bytes // 4, CPU_STREAM_MIN_BYTES))
+    return size - size % 64
+
+
+def available_memory_bytes() -> int | None:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def gpu_info() -> list[dict]:
@@ -190,7 +238,7 @@ def cpu_read_bandwidth(threads: int, buffer_bytes: int | None = None, repeats: i
     import torch
     from .. import _native
     cache = last_level_cache_bytes() or 0
-    size = buffer_bytes or max(CPU_STREAM_MIN_BYTES, CPU_STREAM_CACHE_FACTOR * cache)
+    size = buffer_bytes or cpu_stream_buffer_bytes(cache, available_memory_bytes())
     size -= size % 64
     module = _native.load("_native_cpu")[0]
     if module is not None and not hasattr(module, "read_stream"):

@@ -332,6 +332,43 @@ def test_summarize_timings_from_token_times():
     assert s["tpot_s"]["p50"] == pytest.approx(0.1)
 
 
+class _Allocated(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cache_mib", [480, 32, None])
+def test_the_cpu_read_probe_is_sized_from_the_caches_and_bounded(cache_mib, monkeypatch):
+    """The probe's buffer was max(1 GiB, 16 x the last-level cache): 7.5 GiB on a machine that reports
+    a 480 MiB L3, whatever the model. It is a few times the caches (STREAM's rule), within bounds."""
+    asked = []
+
+    def ones(n, **kwargs):
+        asked.append(n * 4)
+        raise _Allocated
+
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda *a, **k: None if cache_mib is None else cache_mib << 20)
+    monkeypatch.setattr(torch, "ones", ones)
+    with pytest.raises(_Allocated):
+        machine.cpu_read_bandwidth(1, repeats=1)
+    size = asked[0]
+    assert size <= 2 << 30
+    if cache_mib is not None:
+        assert size >= min(4 * (cache_mib << 20), 2 << 30)
+
+
+def test_last_level_caches_are_summed_over_their_instances(tmp_path):
+    """Two sockets, each with its own 32 MiB L3 (shared by its CPUs), read from a sysfs-shaped tree."""
+    for cpu in range(4):
+        for index, (level, kind, size, shared) in enumerate((
+                (1, "Data", "48K", str(cpu)), (2, "Unified", "2048K", str(cpu)),
+                (3, "Unified", "32768K", "0-1" if cpu < 2 else "2-3"))):
+            d = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+            d.mkdir(parents=True)
+            for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+                (d / name).write_text(f"{value}\n")
+    assert machine.last_level_cache_bytes(tmp_path) == 2 * (32 << 20)
+
+
 def test_an_installed_copy_reports_the_commit_it_was_built_from(tmp_path):
     from glmrt.bench.machine import git_commit
     package = tmp_path / "site-packages" / "glmrt"
