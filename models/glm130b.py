@@ -251,11 +251,8 @@ class SATShards:
 
     @staticmethod
     def _load(path: Path) -> dict:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {path.name} in {path.parent}: {type(exc).__name__}: {exc}. The file is "
-                                  "truncated or corrupt: download or copy it again") from exc
+        from ..checkpoint import load_pickle
+        state = load_pickle(path)
         if isinstance(state, dict) and isinstance(state.get("module"), dict):
             state = state["module"]
         if not isinstance(state, dict):

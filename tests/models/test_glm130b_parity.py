@@ -368,6 +368,17 @@ def test_garbage_rank_file_raises_checkpoint_error(ranks8, tmp_path):
         load(d)
 
 
+def test_rank_file_with_more_than_tensors_is_refused_as_unsafe_not_corrupt(full_sd, tmp_path):
+    import argparse
+    d = write_sat(tmp_path / "sat", [full_sd])
+    f = d / ITERATION / "mp_rank_00_model_states.pt"
+    torch.save({"module": full_sd, "args": argparse.Namespace(fp16=True)}, f)
+    with pytest.raises(CheckpointError) as e:
+        load(d)
+    assert "mp_rank_00_model_states.pt" in str(e.value) and "weights_only" in str(e.value)
+    assert "corrupt" not in str(e.value)
+
+
 def test_rank_count_disagreeing_with_script_raises_checkpoint_error(full_sd, tmp_path):
     """SAT with --model-parallel-size 8 opens mp_rank_00..07; a directory with one rank file does
     not hold that checkpoint. The script is the release's shape: MODEL_ARGS="--model-parallel-size
