@@ -262,11 +262,21 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 
 
 def write_safetensors_shards(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                             max_shard_bytes: int) -> list[Path]:
+                             max_shard_bytes: int, progress=None) -> list[Path]:
     """Write `tensors` as model.safetensors, or as model-0000X-of-0000N.safetensors plus
     model.safetensors.index.json when they exceed max_shard_bytes (a tensor is never split). Every
-    file carries `metadata` in its safetensors header."""
+    file carries `metadata` in its safetensors header. ``progress(bytes_written, total_bytes)`` is
+    called after each file."""
     from safetensors.torch import save_file
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    done = 0
+
+    def written(names) -> None:
+        nonlocal done
+        done += sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+        if progress is not None:
+            progress(done, total)
+
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -276,19 +286,20 @@ def write_safetensors_shards(directory: Path, tensors: dict[str, torch.Tensor], 
             size = 0
         shards[-1].append(name)
         size += nbytes
-    written = []
+    files = []
     if len(shards) == 1:
         path = directory / SAFETENSORS_SINGLE
         save_file({n: tensors[n].contiguous() for n in shards[0]}, str(path), metadata=metadata)
+        written(shards[0])
         return [path]
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: tensors[n].contiguous() for n in names}, str(directory / fname), metadata=metadata)
         weight_map.update({n: fname for n in names})
-        written.append(directory / fname)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        files.append(directory / fname)
+        written(names)
     (directory / SAFETENSORS_INDEX).write_text(
         json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2) + "\n",
         encoding="utf-8")
-    return written
+    return files

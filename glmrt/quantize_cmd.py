@@ -21,7 +21,8 @@ linear is ever made) and gives the same logits as `glmrt.load(SRC, quantize=...)
 dtype. The directory is written under a temporary name (`.DST.partial-PID`, created and checked
 before SRC is read) and renamed when complete, so a failed or interrupted run (an error, Ctrl-C or
 SIGTERM) never leaves a half-written DST; the partial directory of a run that was killed outright
-(SIGKILL, a crash) is removed by the next run in the same folder.
+(SIGKILL, a crash) is removed by the next run in the same folder. Reading, quantizing and writing
+show progress on stderr.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 
 from .config import dtype_name
 from .errors import ConfigError, GLMRTError
+from .progress import Progress
 from .quant import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, GROUP_SIZES, format_entry
 
 DEFAULT_MAX_SHARD = "2GB"
@@ -129,8 +131,17 @@ def quantize_checkpoint(src: str, dst: str | os.PathLike, bits: int, group_size:
         model_dtype = prep.graph.dtype
         config = _output_config(prep, layers, model_dtype)
         metadata = {"format": "pt", "glmrt_format": FORMAT_NAME, "glmrt_format_version": str(FORMAT_VERSION)}
-        files = checkpoint.write_safetensors_shards(tmp, {n: t.cpu() for n, t in prep.weights.items()}, metadata,
-                                                    max_shard_bytes)
+        tensors = {n: t.cpu() for n, t in prep.weights.items()}
+        total_mib = max(1, round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20))
+        # Shown at once (a file is written in one call, so the bar moves once per file).
+        bar = Progress(f"writing {dst} (MiB)", total_mib, enabled=progress, delay=0.0)
+        bar(0)
+        try:
+            files = checkpoint.write_safetensors_shards(
+                tmp, tensors, metadata, max_shard_bytes,
+                progress=lambda done, total: bar(round(done * total_mib / max(total, 1)), total_mib))
+        finally:
+            bar.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tokenizer_files = _copy_tokenizer(prep.directory, tmp)
         (tmp / PARTIAL_MARKER).unlink()

@@ -1,5 +1,6 @@
 """`glmrt quantize` as a process: SIGTERM cleans up like Ctrl-C, the partial directories of runs that
-died are removed by the next run, a DST that cannot be created fails before anything is loaded."""
+died are removed by the next run, a DST that cannot be created fails before anything is loaded,
+and the quantizing and writing show progress."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +108,21 @@ def test_a_dst_that_cannot_be_created_fails_before_loading(src, tmp_path, monkey
     with pytest.raises(GLMRTError) as e:
         quantize_checkpoint(str(src), dst, 4, 0, progress=False)
     assert str(blocker) in str(e.value)
+
+
+def test_quantizing_and_writing_show_progress(src, tmp_path, monkeypatch):
+    from glmrt.progress import Progress
+    seen: dict[str, tuple[int, int]] = {}
+    real_call = Progress.__call__
+
+    def record(self, done, total=None):
+        real_call(self, done, total)
+        if self.enabled:
+            seen[self.label] = (done, self.total)
+
+    monkeypatch.setattr(Progress, "__call__", record)
+    quantize_checkpoint(str(src), tmp_path / "q", 4, 0, progress=True)
+    quantizing = [v for k, v in seen.items() if k.startswith("quantizing")]
+    writing = [v for k, v in seen.items() if k.startswith("writing")]
+    assert quantizing and quantizing[0][0] == quantizing[0][1] > 0, seen
+    assert writing and writing[0][0] == writing[0][1] > 0, seen
