@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates ./.venv with torch (a CPU build where one is on hand), builds and installs glmrt with
-# its native modules, plus the test dependencies. Idempotent; safe to run again after a change.
+# Creates ./.venv with torch (a CPU build where one is on hand), builds glmrt's native modules and
+# installs glmrt editable (Python files used from this checkout, compiled modules from the
+# environment: the same glmrt from any directory), plus the test dependencies. Idempotent; run it
+# again (or just the pip install -e line) after a change to native/ or CMakeLists.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,7 +30,8 @@ if [ "${GLMRT_SETUP_HIPCC:-1}" = "1" ] && ! command -v hipcc >/dev/null 2>&1 && 
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hipcc >/dev/null; } \
     || echo "glmrt setup: could not install hipcc; the HIP target will be skipped" >&2
 fi
-echo "glmrt setup: building and installing glmrt" >&2
-"$VPY" -m pip install -q --no-build-isolation .
-# Check from outside the checkout so the installed package (not the source tree) is imported.
-(cd / && "$OLDPWD/$VPY" -c "import glmrt, glmrt.backends, glmrt.models; from glmrt import _native; m, why = _native.load('_native_cpu'); print('glmrt setup: installed', glmrt.__version__, '- native CPU module:', 'built' if m else why)")
+echo "glmrt setup: building and installing glmrt (editable)" >&2
+"$VPY" -m pip install -q --no-build-isolation -e .
+# Checked from the checkout's root, where the current directory comes first on sys.path (what
+# `python -m glmrt` there sees), without the PYTHONSAFEPATH a caller may have set.
+env -u PYTHONSAFEPATH "$VPY" -c "import glmrt, glmrt.backends, glmrt.models; from glmrt import _native; m, why = _native.load('_native_cpu'); print('glmrt setup: installed', glmrt.__version__, '(editable) - native CPU module:', 'built' if m else why)"

@@ -32,7 +32,7 @@ import torch
 from glmrt import ops
 from glmrt.api import prepare
 from glmrt.backends import require_available
-from glmrt.bench import stamp
+from glmrt.bench.machine import stamp
 from glmrt.lowering import lower
 from glmrt.model import Model
 from glmrt.quant import parse_format, quant_bytes, quantize_graph, quantize_weights

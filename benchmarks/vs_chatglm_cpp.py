@@ -281,7 +281,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
     import ggml_file as gf
-    from glmrt.bench import cpu_read_bandwidth
+    from glmrt.bench.machine import cpu_read_bandwidth
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -26,24 +26,28 @@ def load(name: str):
 def _why_missing(name: str, exc: ImportError) -> str:
     from pathlib import Path
     package = Path(__file__).resolve().parent
-    checkout = package.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "native").is_dir() and not _any_compiled():
-        # Imported from a source checkout (e.g. `python -m glmrt` run in the repository root puts
-        # the checkout before the installed package): the compiled modules live in the install.
-        return (f"glmrt.{name} is not importable: glmrt was imported from the source checkout {package}, which "
-                "holds no compiled modules (the current directory shadows the installed package); run from "
-                "another directory, or install with `pip install --no-build-isolation -e .`")
-    return (f"glmrt.{name} is not built ({exc}); reinstall glmrt with a C++ compiler and CMake >= 3.21 present "
-            "to get native kernels")
+    installed = _installed_copy()
+    if installed is not None and installed != package:
+        # A regular (non-editable) install, shadowed by a checkout: `python -m glmrt` run in the
+        # repository root puts the root first on sys.path, and its glmrt/ holds no compiled modules.
+        return (f"glmrt.{name} is not importable: glmrt was imported from {package} (the current directory comes "
+                f"first on sys.path), not from the installed copy in {installed} that holds the compiled modules; "
+                "install the README's way, editable (`bash .ci/setup-venv.sh` or `pip install --no-build-isolation "
+                "-e .` in the checkout), so every directory sees the same glmrt, or run from another directory")
+    return (f"glmrt.{name} is not built ({exc}); reinstall glmrt (in a checkout: `bash .ci/setup-venv.sh`) with a "
+            "C++ compiler and CMake >= 3.21 present to get native kernels")
 
 
-def _any_compiled() -> bool:
-    """Whether any compiled glmrt module is findable (an editable install maps them into a checkout)."""
-    import importlib.util
-    for module in ("_native_cpu", "_native_sunway", "_native_cuda", "_native_hip"):
-        try:
-            if importlib.util.find_spec(f"glmrt.{module}") is not None:
-                return True
-        except (ImportError, ValueError):
-            pass
-    return False
+def _installed_copy():
+    """The package folder of a regular (non-editable) install of glmrt, or None: an editable install
+    ships no glmrt/__init__.py (its Python files stay in the checkout)."""
+    from importlib import metadata
+    from pathlib import Path
+    try:
+        dist = metadata.distribution("glmrt")
+    except metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.as_posix() == "glmrt/__init__.py":
+            return Path(dist.locate_file(file)).resolve().parent
+    return None

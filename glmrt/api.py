@@ -251,7 +251,13 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
     if quant_format is not None and layout is None:
         quantized = quantize_graph(graph, *quant_format)
         if materialize:
-            weights = quantize_weights(graph, quantized, weights)
+            bits, group = quant_format
+            qbar = Progress(f"quantizing to INT{bits}" + (f" groups of {group}" if group else ""),
+                            len(quantizable_linears(graph)), enabled=progress)
+            try:
+                weights = quantize_weights(graph, quantized, weights, progress=qbar)
+            finally:
+                qbar.close()
         else:
             weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
                        for name, p in quantized.params.items()}

@@ -40,9 +40,47 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    return CheckpointError(f"cannot read {path.name} in {path.parent}: {type(exc).__name__}: {exc}. The file is "
-                           "truncated or corrupt: download or copy it again")
+def _corrupt(path: Path, exc: BaseException, what: str = "") -> CheckpointError:
+    return CheckpointError(f"cannot read {path.name} in {path.parent}: {type(exc).__name__}: {exc}. The file{what} "
+                           "is truncated or corrupt: download or copy it again")
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save writes a zip archive since torch 1.6; the legacy format is a bare pickle stream."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def load_pickle(path: Path):
+    """torch.load(weights_only=True) of a .bin / .pt file: memory-mapped when it is the zip format,
+    read whole when it is torch's legacy (pre-1.6, non-zip) format, which mmap cannot open. The
+    errors tell a damaged file from a pickle that holds more than tensors (weights_only refuses it:
+    unpickling arbitrary objects runs code from the file)."""
+    import pickle
+    zipped = _is_zip(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise _unsafe_pickle(path, exc) from exc
+        raise _corrupt(path, exc, "" if zipped else " (torch's legacy, non-zip format)") from exc
+    except Exception as exc:  # noqa: BLE001 - zip/pickle errors vary
+        raise _corrupt(path, exc, "" if zipped else " (torch's legacy, non-zip format)") from exc
+
+
+def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
+    import re
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    what = f"a {found.group(1)} object" if found else "objects other than tensors"
+    return CheckpointError(
+        f"{path.name} in {path.parent} is a pickle that holds {what}: glmrt loads pickles with "
+        "torch.load(weights_only=True) only, which refuses them, because unpickling them would run code from the "
+        "file. The file is not damaged. If you trust it, convert it once: load it with torch.load(path, "
+        "weights_only=False), keep the tensors (the state dict) and save them with safetensors.torch.save_file "
+        "as model.safetensors next to config.json")
 
 
 class WeightFiles:
@@ -102,10 +140,7 @@ class WeightFiles:
                 raise _corrupt(path, exc) from exc
             self._open[path] = handle
         else:
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # noqa: BLE001 - zip/pickle errors vary
-                raise _corrupt(path, exc) from exc
+            state = load_pickle(path)
             if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):
                 state = state["module"]  # SwissArmyTransformer / DeepSpeed checkpoints wrap the state dict
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -227,11 +262,21 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 
 
 def write_safetensors_shards(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                             max_shard_bytes: int) -> list[Path]:
+                             max_shard_bytes: int, progress=None) -> list[Path]:
     """Write `tensors` as model.safetensors, or as model-0000X-of-0000N.safetensors plus
     model.safetensors.index.json when they exceed max_shard_bytes (a tensor is never split). Every
-    file carries `metadata` in its safetensors header."""
+    file carries `metadata` in its safetensors header. ``progress(bytes_written, total_bytes)`` is
+    called after each file."""
     from safetensors.torch import save_file
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    done = 0
+
+    def written(names) -> None:
+        nonlocal done
+        done += sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+        if progress is not None:
+            progress(done, total)
+
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -241,19 +286,20 @@ def write_safetensors_shards(directory: Path, tensors: dict[str, torch.Tensor], 
             size = 0
         shards[-1].append(name)
         size += nbytes
-    written = []
+    files = []
     if len(shards) == 1:
         path = directory / SAFETENSORS_SINGLE
         save_file({n: tensors[n].contiguous() for n in shards[0]}, str(path), metadata=metadata)
+        written(shards[0])
         return [path]
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: tensors[n].contiguous() for n in names}, str(directory / fname), metadata=metadata)
         weight_map.update({n: fname for n in names})
-        written.append(directory / fname)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        files.append(directory / fname)
+        written(names)
     (directory / SAFETENSORS_INDEX).write_text(
         json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2) + "\n",
         encoding="utf-8")
-    return written
+    return files

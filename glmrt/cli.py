@@ -152,31 +152,32 @@ def _cmd_info(args) -> int:
         backend = get_backend(args.backend)
         out["backend"] = backend.describe()
         out["backend"]["ops"] = _op_coverage(backend)
-    if args.model and args.backend != "auto" and not get_backend(args.backend).probe().available:
-        # The plan depends on the graph only: show it without the hardware and without loading weights.
+    if args.model:
+        # The plan depends on the graph only (a kernel's supports() sees the node, never the data):
+        # plan on meta tensors, so nothing is read or generated, and without the hardware when the
+        # backend is absent.
         from .api import plan as make_plan
+        from .backends.base import safe_probe
         from .config import dtype_name
         backend = get_backend(args.backend)
-        plan = make_plan(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers,
+        probe = safe_probe(backend)
+        plan = make_plan(args.model, backend=backend.name, dtype=args.dtype, layers=args.layers,
                          quantize=args.quantize, strict=args.strict)
         g = plan.graph
+        if probe.available:
+            device = str(backend.device())
+            why = "the model was planned (kernel choice per node) on meta tensors: no weight was read or generated"
+        else:
+            device = "none (planned only)"
+            why = (f"backend {backend.name!r} is not available here ({probe.reason}); the model was planned "
+                   "(kernel choice per node) but not loaded")
         out["model"] = {"source": args.model, "config": g.config.to_dict(), "dtype": dtype_name(g.dtype),
-                        "backend": backend.name, "device": "none (planned only)",
+                        "backend": backend.name, "device": device,
                         "weight_bytes": sum(math.prod(p.shape) * p.dtype.itemsize for p in g.params.values()),
-                        "plan": plan.summary(), "planned_only": True,
-                        "why": f"backend {backend.name!r} is not available here ({backend.probe().reason}); the "
-                               "model was planned (kernel choice per node) but not loaded"}
+                        "plan": plan.summary(), "planned_only": True, "why": why}
         out["plan"] = plan.report()
         out["backend"] = backend.describe()
         out["backend"]["ops"] = _op_coverage(backend)
-    elif args.model:
-        from .api import load
-        model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers,
-                     quantize=args.quantize, strict=args.strict, progress=False)
-        out["model"] = model.info()
-        out["plan"] = model.plan.report()
-        out["backend"] = model.backend.describe()
-        out["backend"]["ops"] = _op_coverage(model.backend)
     elif args.quantize:
         raise GLMRTError("--quantize needs a MODEL: it shows that model's plan quantized")
     if args.json:

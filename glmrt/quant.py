@@ -173,18 +173,22 @@ def graph_layout(graph: Graph) -> dict[str, QuantSpec]:
     return out
 
 
-def quantize_weights(graph: Graph, quantized: Graph, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Quantize the float weights of ``graph`` into the layout ``quantized`` (from quantize_graph) expects."""
+def quantize_weights(graph: Graph, quantized: Graph, weights: dict[str, torch.Tensor],
+                     progress=None) -> dict[str, torch.Tensor]:
+    """Quantize the float weights of ``graph`` into the layout ``quantized`` (from quantize_graph) expects.
+    ``progress(done, total)`` is called after each linear."""
     out = dict(weights)
-    for old, new in zip(graph.nodes, quantized.nodes):
-        q = new.attrs.get("quant")
-        if q is None or "quant" in old.attrs:
-            continue
+    todo = [(old, new) for old, new in zip(graph.nodes, quantized.nodes)
+            if new.attrs.get("quant") is not None and "quant" not in old.attrs]
+    for i, (old, new) in enumerate(todo):
+        q = new.attrs["quant"]
         wname = new.params["weight"]
         sname = new.params["scale"]
         qweight, scale = quantize_weight(weights[wname], q["bits"], q["group_size"], quantized.params[sname].dtype)
         out[wname] = qweight
         out[sname] = scale
+        if progress is not None:
+            progress(i + 1, len(todo))
     return out
 
 

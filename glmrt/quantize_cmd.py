@@ -18,26 +18,38 @@ quantized format, version 1 (glmrt.quant.FORMAT_NAME / FORMAT_VERSION):
 
 `glmrt.load(DST)` reads the int8 weights and scales as they are (no float copy of a quantized
 linear is ever made) and gives the same logits as `glmrt.load(SRC, quantize=...)` with the same
-dtype. The directory is written under a temporary name and renamed when complete, so a failed or
-interrupted run never leaves a half-written DST.
+dtype. The directory is written under a temporary name (`.DST.partial-PID`, created and checked
+before SRC is read) and renamed when complete, so a failed or interrupted run (an error, Ctrl-C or
+SIGTERM) never leaves a half-written DST; the partial directory of a run that was killed outright
+(SIGKILL, a crash) is removed by the next run in the same folder. Reading, quantizing and writing
+show progress on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
 from .config import dtype_name
 from .errors import ConfigError, GLMRTError
+from .progress import Progress
 from .quant import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, GROUP_SIZES, format_entry
 
 DEFAULT_MAX_SHARD = "2GB"
+# Written first into a run's partial directory: whose it is (pid, host), so a later run can tell a
+# dead run's leftovers from a live run's work and from directories that are not glmrt's.
+PARTIAL_MARKER = "glmrt-partial.json"
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)")
 # Keys by which the releases' configs declare quantized weights; DST's layout is FORMAT_KEY instead.
 _RELEASE_QUANT_KEYS = ("quantization_bit", "quantization_bit_width", "quantization_embeddings")
 _TOKENIZER_FILE = re.compile(r"(tokeniz.*|.*\.model|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|"
@@ -100,8 +112,8 @@ def quantize_checkpoint(src: str, dst: str | os.PathLike, bits: int, group_size:
                         layers: int | None = None, dtype=None, token_ids: dict | None = None,
                         max_shard_bytes: int = parse_size(DEFAULT_MAX_SHARD), progress: bool = True) -> dict:
     """Write SRC quantized to DST (see the module docstring); returns a summary dict."""
+    from . import checkpoint
     from .api import prepare
-    from .checkpoint import write_safetensors_shards
     if bits not in (4, 8):
         raise ConfigError(f"--bits {bits}: glmrt writes INT8 or INT4 weights (8 or 4)")
     if group_size not in GROUP_SIZES:
@@ -117,27 +129,29 @@ def quantize_checkpoint(src: str, dst: str | os.PathLike, bits: int, group_size:
         raise ConfigError(f"{src} is a GGUF file: glmrt loads it directly (glmrt.load / --model), Q8_0 and Q4_0 as "
                           "INT8 / INT4 in groups of 32; `glmrt quantize` converts checkpoint directories only")
     quantize = f"int{bits}" + (f"-g{group_size}" if group_size else "")
-    prep = prepare(src, dtype=dtype, layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
-    model_dtype = prep.graph.dtype
-    config = _output_config(prep, layers, model_dtype)
-    metadata = {"format": "pt", "glmrt_format": FORMAT_NAME, "glmrt_format_version": str(FORMAT_VERSION)}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        files = write_safetensors_shards(tmp, {n: t.cpu() for n, t in prep.weights.items()}, metadata,
-                                         max_shard_bytes)
+    with _terminate_cleanly(), _partial_directory(dst) as tmp:  # before SRC is read: a bad DST fails first
+        prep = prepare(src, dtype=dtype, layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
+        model_dtype = prep.graph.dtype
+        config = _output_config(prep, layers, model_dtype)
+        metadata = {"format": "pt", "glmrt_format": FORMAT_NAME, "glmrt_format_version": str(FORMAT_VERSION)}
+        tensors = {n: t.cpu() for n, t in prep.weights.items()}
+        total_mib = max(1, round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20))
+        # Shown at once (a file is written in one call, so the bar moves once per file).
+        bar = Progress(f"writing {dst} (MiB)", total_mib, enabled=progress, delay=0.0)
+        bar(0)
+        try:
+            files = checkpoint.write_safetensors_shards(
+                tmp, tensors, metadata, max_shard_bytes,
+                progress=lambda done, total: bar(round(done * total_mib / max(total, 1)), total_mib))
+        finally:
+            bar.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tokenizer_files = _copy_tokenizer(prep.directory, tmp)
+        (tmp / PARTIAL_MARKER).unlink()
         if dst.exists():
             dst.rmdir()  # empty (checked above)
         os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     quant_bytes, fp16_bytes = quantized_linear_bytes(prep.graph)
     return {
         "source": prep.source, "destination": str(dst), "format": FORMAT_NAME, "version": FORMAT_VERSION,
@@ -148,6 +162,90 @@ def quantize_checkpoint(src: str, dst: str | os.PathLike, bits: int, group_size:
         "files": [p.name for p in files] + ["config.json"] + tokenizer_files,
         "file_bytes": sum((dst / p.name).stat().st_size for p in files),
     }
+
+
+@contextlib.contextmanager
+def _partial_directory(dst: Path):
+    """`.DST.partial-PID` next to DST, created now (so a DST that cannot be made fails before any
+    work), removed on any error or interrupt; the caller renames it to DST when complete. Leftovers
+    of runs that died in the same folder are removed first."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_partials(dst)
+        tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                      "destination": str(dst)}) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot create the destination {dst}: {exc.strerror or exc} ({exc.filename or dst}); "
+                          "choose a DST in a directory you can write") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_dead_partials(dst: Path) -> None:
+    """Remove the partial directories that runs which died left in DST's folder: DST's own
+    (`.DST.partial-PID`, whatever glmrt wrote it) and any other carrying this host's PARTIAL_MARKER,
+    when their process is gone. Anything else is left alone."""
+    host = socket.gethostname()
+    for path in dst.parent.iterdir():
+        found = _PARTIAL.fullmatch(path.name)
+        if not found or not path.is_dir() or int(found["pid"]) == os.getpid():
+            continue
+        pid = int(found["pid"])
+        try:
+            marker = json.loads((path / PARTIAL_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = None
+        ours = (isinstance(marker, dict) and marker.get("host") == host and marker.get("pid") == pid) or \
+            (marker is None and found["name"] == dst.name)
+        if ours and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"glmrt quantize: removed {path}, left by a run (pid {pid}) that did not finish", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+class _Terminated(SystemExit):
+    """SIGTERM, turned into an exception so that cleanup runs as it does for Ctrl-C; exits with 128 + 15."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """While the partial directory exists, SIGTERM raises _Terminated (in the main thread, where
+    Python runs signal handlers) instead of killing the process outright. An ignored SIGTERM stays
+    ignored; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -76,10 +76,22 @@ def config_from_dict(raw: dict) -> GLMConfig:
     )
 
 
+# The rotary embedding's inv_freq buffer, as the SAT versions GLM-130B ran on save it. It is not a
+# parameter (SAT's RotaryEmbedding never loads it back, and glmrt computes the tables itself), so
+# these names are ignored, whatever their shape, and no other name is.
+ROTARY_BUFFER_NAMES = (
+    # One per layer, in the attention module: the layout GLM-130B's tools/convert_tp.py knows
+    # ("attention.rotary_emb.inv_freq" among the tensors copied unchanged to every rank).
+    r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",
+    # SwissArmyTransformer 0.2.12 (GLM-130B's pinned version): one per rank in the model's
+    # 'rotary-embedding' mixin (BaseModel.mixins is a ModuleDict). convert_tp.py does not list it as
+    # replicated, so a checkpoint merged to fewer ranks holds it concatenated.
+    r"mixins\.rotary-embedding\.rotary_emb\.inv_freq",
+)
+
+
 def weight_map(cfg: GLMConfig) -> WeightMap:
-    # The release carries each layer's rotary inv_freq buffer (GLM-130B's tools/convert_tp.py copies
-    # it to every rank); glmrt computes the tables itself.
-    m = WeightMap(ignore=(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",))
+    m = WeightMap(ignore=ROTARY_BUFFER_NAMES)
     m.add("embed.weight", "transformer.word_embeddings.weight")
     qkv = deinterleave_qkv(cfg.num_heads, cfg.head_dim)
     for i in range(cfg.num_layers):
@@ -239,11 +251,8 @@ class SATShards:
 
     @staticmethod
     def _load(path: Path) -> dict:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {path.name} in {path.parent}: {type(exc).__name__}: {exc}. The file is "
-                                  "truncated or corrupt: download or copy it again") from exc
+        from ..checkpoint import load_pickle
+        state = load_pickle(path)
         if isinstance(state, dict) and isinstance(state.get("module"), dict):
             state = state["module"]
         if not isinstance(state, dict):

@@ -269,6 +269,37 @@ def test_release_layout_with_per_layer_rotary_inv_freq_loads(full_sd, reference,
     assert _max_diff(m.logits(ids), reference.logits_for_prompt(GMASK_PROMPT, MASK, GMASK)) <= ATOL
 
 
+SAT_MIXIN_INV_FREQ = "mixins.rotary-embedding.rotary_emb.inv_freq"
+
+
+@pytest.mark.parametrize("ranks", [8, 1])
+def test_sat_0_2_12_layout_with_the_rotary_mixin_buffer_loads(full_sd, reference, tmp_path, ranks):
+    """SwissArmyTransformer 0.2.12 (the version GLM-130B pins) builds GLM130B with
+    add_mixin('rotary-embedding', RotaryEmbeddingMixin(...)); BaseModel keeps mixins in a ModuleDict
+    `mixins`, so the RotaryEmbedding's inv_freq buffer is saved once per rank as
+    `mixins.rotary-embedding.rotary_emb.inv_freq`. GLM-130B's tools/convert_tp.py does not list it
+    among the replicated tensors, so merging ranks concatenates it (8 x head_dim/2 in one file). SAT
+    never loads it back (RotaryEmbedding._load_from_state_dict is a no-op): any shape is ignored."""
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))).half()
+    shards = split_like_sat(full_sd, 8)
+    if ranks == 1:  # what convert_tp.py --target-tp 1 writes: every tensor merged, inv_freq concatenated
+        shards = [dict(full_sd, **{SAT_MIXIN_INV_FREQ: torch.cat([inv_freq] * 8)})]
+    else:
+        for sd in shards:
+            sd[SAT_MIXIN_INV_FREQ] = inv_freq.clone()
+    m = load(write_sat(tmp_path / "sat", shards))
+    ids = torch.tensor([GMASK_PROMPT])
+    assert _max_diff(m.logits(ids), reference.logits_for_prompt(GMASK_PROMPT, MASK, GMASK)) <= ATOL
+
+
+@pytest.mark.parametrize("name", ["mixins.rotary-embedding.rotary_emb.weight", "mixins.other.rotary_emb.inv_freq",
+                                  "transformer.rotary_emb.inv_freq", "transformer.layers.0.rotary_emb.inv_freq"])
+def test_only_the_known_spellings_of_the_rotary_buffer_are_ignored(full_sd, tmp_path, name):
+    sd = dict(full_sd, **{name: torch.ones(HEAD_DIM // 2, dtype=torch.float16)})
+    with pytest.raises(CheckpointError, match="unexpected tensor.*" + name.replace(".", r"\.")):
+        load(write_sat(tmp_path / "sat", [sd]))
+
+
 # ----------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("mp", [1, 8])
 @pytest.mark.parametrize("name", ["gmask", "mask", "mask-eos"])
@@ -335,6 +366,17 @@ def test_garbage_rank_file_raises_checkpoint_error(ranks8, tmp_path):
     (d / ITERATION / "mp_rank_07_model_states.pt").write_bytes(b"not a torch pickle" * 100)
     with pytest.raises(CheckpointError):
         load(d)
+
+
+def test_rank_file_with_more_than_tensors_is_refused_as_unsafe_not_corrupt(full_sd, tmp_path):
+    import argparse
+    d = write_sat(tmp_path / "sat", [full_sd])
+    f = d / ITERATION / "mp_rank_00_model_states.pt"
+    torch.save({"module": full_sd, "args": argparse.Namespace(fp16=True)}, f)
+    with pytest.raises(CheckpointError) as e:
+        load(d)
+    assert "mp_rank_00_model_states.pt" in str(e.value) and "weights_only" in str(e.value)
+    assert "corrupt" not in str(e.value)
 
 
 def test_rank_count_disagreeing_with_script_raises_checkpoint_error(full_sd, tmp_path):

@@ -31,7 +31,7 @@ def test_read_stream_refuses_a_partial_cache_line():
 
 
 def test_bench_uses_the_native_probe():
-    from glmrt.bench import cpu_read_bandwidth
+    from glmrt.bench.machine import cpu_read_bandwidth
     r = cpu_read_bandwidth(1, buffer_bytes=64 << 20, repeats=2)
     assert r["method"].startswith("native read_stream") and "torch.sum" in r["method"]
     assert r["bytes_per_s"] > 0 and r["buffer_bytes"] == 64 << 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 import glmrt
 from glmrt import bench
+from glmrt.bench import baselines, machine, metrics, render
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 64, 96, 2, 4, 2, 16
 PROMPT_LEN, GEN_LEN = 8, 4
@@ -88,24 +90,24 @@ def test_run_succeeds_and_writes_every_file(run):
 
 def test_results_json_validates_against_the_schema(run):
     import jsonschema
-    schema = json.loads(bench.SCHEMA_PATH.read_text())
+    schema = json.loads(render.SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(run["doc"], schema, cls=jsonschema.Draft202012Validator)
-    assert bench.schema_problems(run["doc"]) == []
+    assert render.schema_problems(run["doc"]) == []
 
 
 def test_schema_rejects_a_broken_document(run):
     broken = copy.deepcopy(run["doc"])
     del broken["results"][0]["ttft_s"]
     broken["results"][1]["drift"]["top1_agreement"] = 1.5
-    problems = bench.schema_problems(broken)
+    problems = render.schema_problems(broken)
     assert len(problems) >= 2
 
 
 def test_every_requested_setting_ran(run):
     ids = set(run["by_id"])
     assert {"cpu/float32/none", "cpu/float32/int8", "torch-eager@cpu/float32"} <= ids
-    if bench._transformers_version() is not None:
+    if machine._transformers_version() is not None:
         assert "transformers@cpu/float32" in ids
     else:
         assert any("transformers" in s["setting"] for s in run["doc"]["skipped"])
@@ -191,7 +193,7 @@ def test_baselines_generate_what_glmrt_generates(run):
     for rid in ("torch-eager@cpu/float32", "transformers@cpu/float32"):
         if rid in run["by_id"]:
             assert run["by_id"][rid]["generated_ids"] == want, rid
-            assert run["by_id"][rid]["label"] and run["by_id"][rid]["runner"] in bench.BASELINES
+            assert run["by_id"][rid]["label"] and run["by_id"][rid]["runner"] in baselines.BASELINES
 
 
 def test_markdown_has_table_stamp_and_definitions(run):
@@ -231,8 +233,34 @@ def test_cli_hook(run, monkeypatch, capsys):
     assert "--backends" in capsys.readouterr().out
 
 
+def test_a_relative_checkpoint_directory_runs(tiny_ckpt, tmp_path, monkeypatch):
+    """The workers start in their own directory: a path relative to the caller's must reach them resolved."""
+    monkeypatch.chdir(tiny_ckpt.parent)
+    out = tmp_path / "out"
+    argv = [tiny_ckpt.name, "--backends", "cpu", "--quantize", "none", "--baseline", "none", "--repeat", "1",
+            "--warmup", "0", "--prompt-len", "4", "--gen-len", "2", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in doc["results"]] == ["ok"], [r.get("error") for r in doc["results"]]
+    assert doc["model"]["source"] == tiny_ckpt.name  # recorded as given
+
+
 # ------------------------------------------------------------------------------------------------
 # errors and helpers (no worker processes)
+
+
+def test_help_names_only_files_of_the_repository(capsys):
+    """`glmrt bench --help` once sent readers to ../shared/PERF.md, a file outside the repository."""
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "../" not in text
+    named = re.findall(r"[\w.-]+/[\w./-]+\.(?:md|json|py|sh)\b", text)  # paths, not A.json
+    assert named, "the help names where the metrics are defined"
+    for path in named:
+        assert (root / path).is_file(), path
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -259,43 +287,43 @@ def test_compare_refuses_a_file_that_is_not_a_bench_result(tmp_path, capsys):
 
 def test_percentile_matches_linear_interpolation():
     values = [4.0, 1.0, 3.0, 2.0]
-    assert bench.percentile(values, 50) == 2.5
-    assert bench.percentile(values, 90) == pytest.approx(3.7)
-    assert bench.percentile([5.0], 90) == 5.0
+    assert metrics.percentile(values, 50) == 2.5
+    assert metrics.percentile(values, 90) == pytest.approx(3.7)
+    assert metrics.percentile([5.0], 90) == 5.0
 
 
 def test_published_bandwidth_matches_device_names():
-    assert bench.published_bandwidth("NVIDIA H100 80GB HBM3")["bytes_per_s"] == 3.35e12
-    assert bench.published_bandwidth("NVIDIA H200")["bytes_per_s"] == 4.8e12
-    assert bench.published_bandwidth("NVIDIA A100-SXM4-80GB")["bytes_per_s"] == 2.04e12
-    assert bench.published_bandwidth("NVIDIA H100 PCIe") is None
-    assert bench.published_bandwidth("NVIDIA A100 80GB PCIe") is None
-    assert bench.published_bandwidth("NVIDIA GeForce RTX 4090") is None
+    assert machine.published_bandwidth("NVIDIA H100 80GB HBM3")["bytes_per_s"] == 3.35e12
+    assert machine.published_bandwidth("NVIDIA H200")["bytes_per_s"] == 4.8e12
+    assert machine.published_bandwidth("NVIDIA A100-SXM4-80GB")["bytes_per_s"] == 2.04e12
+    assert machine.published_bandwidth("NVIDIA H100 PCIe") is None
+    assert machine.published_bandwidth("NVIDIA A100 80GB PCIe") is None
+    assert machine.published_bandwidth("NVIDIA GeForce RTX 4090") is None
 
 
 def test_logit_drift_of_identical_and_shifted_logits():
     ref = torch.randn(1, 5, 11, generator=torch.Generator().manual_seed(0))
-    same = bench.logit_drift(ref.clone(), ref)
+    same = metrics.logit_drift(ref.clone(), ref)
     assert same == {"max_abs_logit_diff": 0.0, "top1_agreement": 1.0, "mean_kl": 0.0, "positions": 5}
-    shifted = bench.logit_drift(ref + 3.0, ref)  # a constant shift changes no probability
+    shifted = metrics.logit_drift(ref + 3.0, ref)  # a constant shift changes no probability
     assert shifted["max_abs_logit_diff"] == pytest.approx(3.0) and shifted["mean_kl"] < 1e-12
-    flipped = bench.logit_drift(-ref, ref)
+    flipped = metrics.logit_drift(-ref, ref)
     assert flipped["top1_agreement"] == 0.0 and flipped["mean_kl"] > 0.1
 
 
 def test_full_depth_estimate_scales_by_bytes():
     traffic = {"bytes_per_step": 1000.0, "num_layers": 2, "layer_weight_bytes": 300, "kv_bytes_per_token_per_layer": 1,
                "mean_context": 50.0}
-    est = bench.full_depth_estimate(traffic, tpot_mean=0.01, batch=1, full_layers=4)
+    est = metrics.full_depth_estimate(traffic, tpot_mean=0.01, batch=1, full_layers=4)
     # per layer: 300 + 50 bytes; fixed: 1000 - 2 * 350 = 300; full: 300 + 4 * 350 = 1700.
     assert est["bytes_per_step_full"] == 1700
     assert est["tpot_s_full"] == pytest.approx(0.017) and est["per_layer_tpot_s"] == pytest.approx(0.0035)
-    assert bench.full_depth_estimate(traffic, 0.01, 1, full_layers=2) is None
+    assert metrics.full_depth_estimate(traffic, 0.01, 1, full_layers=2) is None
 
 
 def test_summarize_timings_from_token_times():
-    runs = [bench.RunTiming([0.5, 0.6, 0.8, 0.9]), bench.RunTiming([0.4, 0.5, 0.6, 0.7])]
-    s = bench.summarize_timings(runs, batch=2, prompt_len=8)
+    runs = [metrics.RunTiming([0.5, 0.6, 0.8, 0.9]), metrics.RunTiming([0.4, 0.5, 0.6, 0.7])]
+    s = metrics.summarize_timings(runs, batch=2, prompt_len=8)
     assert s["ttft_s"]["values"] == [0.5, 0.4]
     assert s["tpot_s"]["per_run"]["values"] == pytest.approx([0.4 / 3, 0.1])
     assert s["tpot_s"]["mean"] == pytest.approx((0.4 / 3 + 0.1) / 2)
@@ -304,8 +332,45 @@ def test_summarize_timings_from_token_times():
     assert s["tpot_s"]["p50"] == pytest.approx(0.1)
 
 
+class _Allocated(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cache_mib", [480, 32, None])
+def test_the_cpu_read_probe_is_sized_from_the_caches_and_bounded(cache_mib, monkeypatch):
+    """The probe's buffer was max(1 GiB, 16 x the last-level cache): 7.5 GiB on a machine that reports
+    a 480 MiB L3, whatever the model. It is a few times the caches (STREAM's rule), within bounds."""
+    asked = []
+
+    def ones(n, **kwargs):
+        asked.append(n * 4)
+        raise _Allocated
+
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda *a, **k: None if cache_mib is None else cache_mib << 20)
+    monkeypatch.setattr(torch, "ones", ones)
+    with pytest.raises(_Allocated):
+        machine.cpu_read_bandwidth(1, repeats=1)
+    size = asked[0]
+    assert size <= 2 << 30
+    if cache_mib is not None:
+        assert size >= min(4 * (cache_mib << 20), 2 << 30)
+
+
+def test_last_level_caches_are_summed_over_their_instances(tmp_path):
+    """Two sockets, each with its own 32 MiB L3 (shared by its CPUs), read from a sysfs-shaped tree."""
+    for cpu in range(4):
+        for index, (level, kind, size, shared) in enumerate((
+                (1, "Data", "48K", str(cpu)), (2, "Unified", "2048K", str(cpu)),
+                (3, "Unified", "32768K", "0-1" if cpu < 2 else "2-3"))):
+            d = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+            d.mkdir(parents=True)
+            for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+                (d / name).write_text(f"{value}\n")
+    assert machine.last_level_cache_bytes(tmp_path) == 2 * (32 << 20)
+
+
 def test_an_installed_copy_reports_the_commit_it_was_built_from(tmp_path):
-    from glmrt.bench import git_commit
+    from glmrt.bench.machine import git_commit
     package = tmp_path / "site-packages" / "glmrt"
     package.mkdir(parents=True)
     assert git_commit(package) == {"commit": "unknown", "dirty": None}  # no checkout, no build info

@@ -128,6 +128,47 @@ def test_truncated_bin_shard(tmp_path):
     assert "pytorch_model-00001-of-00002.bin" in str(e.value)
 
 
+def _write_legacy_bin(d: Path, sd: dict) -> Path:
+    """pytorch_model.bin in torch's legacy (pre-1.6, non-zip) serialization, as old releases ship it."""
+    cw.write_config(d, _config())
+    torch.save(sd, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    return d
+
+
+def test_legacy_non_zip_bin_loads(good_dir, tmp_path):
+    """torch.load(weights_only=True) reads the legacy format; only its mmap cannot (it once said
+    "truncated or corrupt")."""
+    d = _write_legacy_bin(tmp_path / "ckpt", _state_dict())
+    assert (d / "pytorch_model.bin").read_bytes()[:2] != b"PK"  # not a zip archive
+    ids = torch.arange(20, 30).unsqueeze(0)
+    assert torch.equal(_load(d).logits(ids), _load(good_dir).logits(ids))
+
+
+def test_truncated_legacy_bin_says_truncated(tmp_path):
+    d = _write_legacy_bin(tmp_path / "ckpt", _state_dict())
+    f = d / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        _load(d)
+    assert "pytorch_model.bin" in str(e.value) and "non-zip" in str(e.value)  # names the format it read
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickle_refused_as_unsafe_says_so(tmp_path, legacy):
+    """A pickle with more than tensors (here an argparse.Namespace, as training scripts save) is not
+    corrupt: weights_only=True refuses it, and the message says why and what to do."""
+    import argparse
+    d = tmp_path / "ckpt"
+    cw.write_config(d, _config())
+    sd = dict(_state_dict(), args=argparse.Namespace(lr=1e-4))
+    torch.save(sd, d / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError) as e:
+        _load(d)
+    msg = str(e.value)
+    assert "pytorch_model.bin" in msg and "truncated" not in msg and "corrupt" not in msg
+    assert "weights_only" in msg and "argparse.Namespace" in msg and "safetensors" in msg
+
+
 def test_missing_config_json(copy_of_good):
     (copy_of_good / "config.json").unlink()
     with pytest.raises(CheckpointError) as e:

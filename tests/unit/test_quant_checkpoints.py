@@ -566,7 +566,7 @@ def test_failed_quantize_leaves_nothing(fp_source, tmp_path, monkeypatch):
     import glmrt.checkpoint
     real = glmrt.checkpoint.write_safetensors_shards
 
-    def fail_after_first_shard(directory, tensors, metadata, max_shard_bytes):
+    def fail_after_first_shard(directory, tensors, metadata, max_shard_bytes, **kwargs):
         real(directory, dict(list(tensors.items())[:1]), metadata, max_shard_bytes)
         raise OSError("disk full")
     monkeypatch.setattr(glmrt.checkpoint, "write_safetensors_shards", fail_after_first_shard)
