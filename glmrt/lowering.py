@@ -35,6 +35,8 @@ class Plan:
     backend: Backend
     graph: Graph
     steps: list[PlanStep]
+    kernels: str = "auto"  # how lower() was asked to choose (a derived plan is lowered the same way)
+    strict: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -122,7 +124,7 @@ def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, s
             frees.setdefault(i, []).append(name)
     for i, s in enumerate(steps):
         s.free_after = tuple(frees.get(i, ()))
-    return Plan(backend=backend, graph=graph, steps=steps)
+    return Plan(backend=backend, graph=graph, steps=steps, kernels=kernels, strict=strict)
 
 
 def execute(plan: Plan, ctx: ops.ForwardContext, input_ids: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,15 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of batch rows [start, stop) of every layer (no copy): what one forward over those
+        rows reads and writes (the serving engine's slots)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.max_len = self.max_len
+        return view
+
 
 @dataclass
 class ForwardContext:
@@ -57,6 +66,15 @@ class ForwardContext:
     # Static-shape decode (CUDA/NPU graph capture): the cache position as a device tensor; one new
     # token is written at it and attention reads the whole cache under `allowed` (B, 1, 1, max_len).
     cache_pos_t: Tensor | None = None
+    # Per-row cache positions (the serving engine's batched decode, rows at different lengths):
+    # (B,) int64 on the device; row b writes its T keys at cache_positions[b] + t, and attention
+    # reads the first S = allowed.shape[-1] positions of every row under `allowed`. Only attention
+    # nodes with attrs["per_row_cache"] (a plan built for it) see such a context.
+    cache_positions: Tensor | None = None
+    # Each row's result must not depend on the other rows of the batch (the engine's batched
+    # decode: a request's tokens are the same whatever it is batched with). Kernels whose
+    # arithmetic changes with the row count keep it per row (the CPU float GEMV in chunks of rows).
+    row_invariant: bool = False
 
 
 # ----------------------------------------------------------------------------- embedding / head
@@ -210,9 +228,18 @@ def update_kv_cache(ctx: ForwardContext, layer: int, k: Tensor, v: Tensor) -> tu
     """Write this step's keys and values (B, T, nkv, hd) into the layer's cache and return what
     attention reads: (B, nkv, S, hd) views of the cache. Static decode (ctx.cache_pos_t, graph
     capture) writes at the device position and returns all max_len positions, which ctx.allowed
-    masks; otherwise the slice at ctx.cache_pos is written and the first pos + T returned. Every
-    attention kernel (reference and native) writes the cache through this one function."""
+    masks; per-row positions (ctx.cache_positions, the serving engine) write each row at its own
+    position and return the first allowed.shape[-1] positions; otherwise the slice at ctx.cache_pos
+    is written and the first pos + T returned. Every attention kernel (reference and native) writes the cache through this one function."""
     keys, values = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd)
+    if ctx.cache_positions is not None:
+        B, T = k.shape[:2]
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        cols = ctx.cache_positions[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        keys[rows, :, cols] = k  # the indexed view is (B, T, nkv, hd), as k is
+        values[rows, :, cols] = v
+        S = ctx.allowed.shape[-1]
+        return keys[:, :, :S], values[:, :, :S]
     if ctx.cache_pos_t is not None:
         index = ctx.cache_pos_t.view(1)
         keys.index_copy_(2, index, k.transpose(1, 2))

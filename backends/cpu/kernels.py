@@ -131,10 +131,22 @@ def _float_gemv(module, x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.
     return out
 
 
+def _float_gemv_rows(ctx, module, x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor | None:
+    """_float_gemv, and under ctx.row_invariant (the serving engine's batched decode) also beyond
+    FLOAT_GEMV_MAX_M rows, in chunks of at most that many: the GEMV computes every row alike
+    whatever the row count, so a request's logits do not depend on how many others share the step
+    (a GEMM from F.linear would sum in another order)."""
+    limit = module.FLOAT_GEMV_MAX_M
+    if not ctx.row_invariant or x2d.shape[0] <= limit:
+        return _float_gemv(module, x2d, weight, bias)
+    parts = [_float_gemv(module, x2d[i:i + limit], weight, bias) for i in range(0, x2d.shape[0], limit)]
+    return None if any(p is None for p in parts) else torch.cat(parts)
+
+
 def native_float_linear(ctx, node, inputs, params):
     module, _ = native()
     x = inputs[0]  # (..., K)
-    out = _float_gemv(module, x.reshape(-1, x.shape[-1]), params["weight"], params.get("bias"))
+    out = _float_gemv_rows(ctx, module, x.reshape(-1, x.shape[-1]), params["weight"], params.get("bias"))
     if out is None:
         return ops.linear(ctx, node, inputs, params)
     return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
@@ -144,7 +156,7 @@ def native_lm_head(ctx, node, inputs, params):
     module, _ = native()
     x = inputs[0]  # (B, T, H)
     last = x[:, -1] if ctx.last_only else x.reshape(-1, x.shape[-1])  # (B, H) or (B*T, H)
-    out = _float_gemv(module, last, params["weight"], None)
+    out = _float_gemv_rows(ctx, module, last, params["weight"], None)
     if out is None:
         return ops.lm_head(ctx, node, inputs, params)
     return out[:, None] if ctx.last_only else out.reshape(*x.shape[:-1], out.shape[-1])  # (B, 1, V) / (B, T, V)

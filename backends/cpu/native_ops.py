@@ -206,6 +206,8 @@ def attention_supports(node) -> str | None:
         return f"attention scaling {a.get('scaling')!r}: the native kernel takes {', '.join(ATTENTION_SCALINGS)}"
     if a["num_heads"] % a["num_kv_heads"]:
         return f"num_heads {a['num_heads']} is not a multiple of num_kv_heads {a['num_kv_heads']}"
+    if a.get("per_row_cache") and "kv_lens" not in (native()[0].attention.__doc__ or ""):
+        return "per-row cache positions: this build of glmrt._native_cpu predates them (no kv_lens); rebuild glmrt"
     return _dtype_reason(node)
 
 
@@ -253,6 +255,16 @@ def attention(ctx, node, inputs, params):
     out = torch.empty((B, T, nh * hd), dtype=q.dtype)  # (B, T, nh * hd)
     if B * T == 0:
         return out
+    kv_lens = 0
+    if ctx.cache_positions is not None:  # per-row key counts: each row's arithmetic is its own
+        lens = ctx.memo.get("native.attention.kv_lens")
+        if lens is None:
+            lens = (ctx.cache_positions.to(torch.int64) + T).contiguous()  # (B,)
+            ctx.memo["native.attention.kv_lens"] = lens
+        if tuple(lens.shape) != (B,) or int(lens.max()) > S:
+            raise ValueError(f"{node.name}: per-row cache positions {ctx.cache_positions.tolist()} for {B} rows "
+                             f"of {T} tokens over {S} keys")
+        kv_lens = lens.data_ptr()
     c = float(a["layer_index"] + 1)
     layer_scaled = a["scaling"] == "layer_scaled"
     module.attention(
@@ -261,5 +273,5 @@ def attention(ctx, node, inputs, params):
         keys.data_ptr(), *_key_strides(keys, layout),
         values.data_ptr(), *_key_strides(values, layout),
         allowed.data_ptr(), allowed.stride(0), allowed.stride(2), allowed.stride(3),
-        out.data_ptr(), layer_scaled, float(a["scale"]), hd ** 0.5 * c, c)
+        out.data_ptr(), layer_scaled, float(a["scale"]), hd ** 0.5 * c, c, kv_lens)
     return out

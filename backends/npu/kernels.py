@@ -436,6 +436,10 @@ class NPUKernels:
             return ("npu_fused_infer_attention_score computes softmax(scale * q k^T) with one scale; "
                     f"{a.get('scaling')} attention (GLM-130B/ChatGLM-6B: q / (sqrt(d) * (layer+1)), scores in fp16 "
                     "with -10000 fill, softmax of scores * (layer+1)) cannot be expressed")
+        if a.get("per_row_cache"):
+            return ("per-row cache positions (the serving engine's batched decode): this wrapper writes the cache "
+                    "at one position for the whole batch and passes one kv length; not built for rows at different "
+                    "lengths")
         dtype = node.input_specs[0].dtype
         if dtype not in HALF_DTYPES:
             return f"npu_fused_infer_attention_score takes float16/bfloat16 queries, not {_dtype_name(dtype)}"

@@ -188,6 +188,11 @@ void attention(const AttentionArgs& a) {
   const int64_t blocks = (S + kKeys - 1) / kKeys;
 
   const float fill = a.layer_scaled ? round_to(-10000.0f, t) : lowest_of(t);
+  if (a.kv_lens)
+    for (int64_t b = 0; b < B; ++b)
+      if (a.kv_lens[b] < 1)
+        throw std::invalid_argument("attention: kv_lens[" + std::to_string(b) + "] = " + std::to_string(a.kv_lens[b]) +
+                                    "; every row must read at least one key");
 
 #pragma omp parallel num_threads(threads) if (threads > 1 && tasks > 1)
   {
@@ -213,13 +218,17 @@ void attention(const AttentionArgs& a) {
           round_row(qrow, t, hd);
         }
       }
+      // Keys this row reads: all S, or its own count (kv_lens) so that other rows' lengths cannot
+      // change its arithmetic.
+      const int64_t Sb = a.kv_lens ? std::min<int64_t>(S, a.kv_lens[b]) : S;
+      const int64_t blocks_b = (Sb + kKeys - 1) / kKeys;
       const char* kbase = static_cast<const char*>(a.k) + (b * a.k_stride_b + kvh * a.k_stride_h) * es;
       const char* vbase = static_cast<const char*>(a.v) + (b * a.v_stride_b + kvh * a.v_stride_h) * es;
       const uint8_t* mbase = a.allowed + b * a.m_stride_b;
 
       // Scores, a block of 16 keys at a time; fully masked blocks are not computed.
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t s0 = blk * kKeys, nk = std::min<int64_t>(kKeys, S - s0);
+      for (int64_t blk = 0; blk < blocks_b; ++blk) {
+        const int64_t s0 = blk * kKeys, nk = std::min<int64_t>(kKeys, Sb - s0);
         bool any = false;
         for (int64_t i = 0; i < nr; ++i) {
           const uint8_t* m = mbase + ((r0 + i) / group) * a.m_stride_t;
@@ -235,7 +244,9 @@ void attention(const AttentionArgs& a) {
         }
         for (int64_t j = 0; j < nk; ++j) load_row_f32(kbase + (s0 + j) * a.k_stride_s * es, t, kraw.data() + j * hd, hd);
         for (int64_t j = nk; j < kKeys; ++j) std::fill_n(kraw.data() + j * hd, hd, 0.f);
-        const bool direct = nr < kRows / 2;  // few rows (MHA decode): plain dot products
+        // Few rows (MHA decode): plain dot products. With kv_lens the choice depends on the head
+        // grouping only, so a row takes the same path whatever batch it is in.
+        const bool direct = (a.kv_lens ? std::min<int64_t>(32, rows_per_kv) : nr) < kRows / 2;
         if (!direct)
           for (int64_t d = 0; d < hd; ++d)
             for (int64_t j = 0; j < kKeys; ++j) kt[d * kKeys + j] = kraw[j * hd + d];
@@ -262,16 +273,16 @@ void attention(const AttentionArgs& a) {
       // fp32 softmax per row; probabilities rounded to the storage dtype.
       for (int64_t i = 0; i < nr; ++i) {
         float* row = scores.data() + i * ld;
-        if (a.layer_scaled) scale_row(row, a.coeff, S);
-        const float m = row_max(row, S);
-        exp_shifted(row, m, S);
-        const float sum = row_sum(row, S);
-        scale_row(row, 1.0f / sum, S);
-        round_row(row, t, S);
+        if (a.layer_scaled) scale_row(row, a.coeff, Sb);
+        const float m = row_max(row, Sb);
+        exp_shifted(row, m, Sb);
+        const float sum = row_sum(row, Sb);
+        scale_row(row, 1.0f / sum, Sb);
+        round_row(row, t, Sb);
       }
       // out = P @ V, fp32 accumulation; keys whose probability rounded to 0 add nothing.
       std::fill(acc.begin(), acc.begin() + nr * hd, 0.f);
-      for (int64_t s = 0; s < S; ++s) {
+      for (int64_t s = 0; s < Sb; ++s) {
         bool any = false;
         for (int64_t i = 0; i < nr; ++i) any |= scores[i * ld + s] != 0.f;
         if (!any) continue;

@@ -34,6 +34,12 @@ struct AttentionArgs {
   float scale;
   float q_divisor;
   float coeff;
+  // Optional per-batch key counts (the serving engine's batched decode, where rows sit at different
+  // cache lengths): row b reads keys [0, min(kv_lens[b], kv_len)) only, so its result is bit for bit
+  // what a batch of that row alone with kv_len = kv_lens[b] gives, whatever the other rows are. The
+  // kernel then also picks its dot-product path from the head grouping alone (not from the tiling,
+  // which depends on the batch size and the thread count). Null: every row reads kv_len keys.
+  const int64_t* kv_lens = nullptr;
 };
 
 // Query head h reads KV head h / (num_heads / num_kv_heads).

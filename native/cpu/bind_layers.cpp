@@ -75,11 +75,12 @@ void bind_layer_kernels(py::module_& m) {
          int64_t head_dim, uintptr_t q, int64_t q_sb, int64_t q_st, int64_t q_sh, uintptr_t k, int64_t k_sb,
          int64_t k_sh, int64_t k_ss, uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_ss, uintptr_t allowed,
          int64_t m_sb, int64_t m_st, int64_t m_ss, uintptr_t out, bool layer_scaled, float scale, float q_divisor,
-         float coeff) {
+         float coeff, uintptr_t kv_lens) {
         AttentionArgs a{dtype_of(dtype), batch, q_len, kv_len, num_heads, num_kv_heads, head_dim,
                         cptr(q), q_sb, q_st, q_sh, cptr(k), k_sb, k_sh, k_ss, cptr(v), v_sb, v_sh, v_ss,
                         static_cast<const uint8_t*>(cptr(allowed)), m_sb, m_st, m_ss, mptr(out),
-                        layer_scaled, scale, q_divisor, coeff};
+                        layer_scaled, scale, q_divisor, coeff,
+                        kv_lens ? static_cast<const int64_t*>(cptr(kv_lens)) : nullptr};
         py::gil_scoped_release release;
         attention(a);
       },
@@ -88,8 +89,10 @@ void bind_layer_kernels(py::module_& m) {
       py::arg("k"), py::arg("k_sb"), py::arg("k_sh"), py::arg("k_ss"), py::arg("v"), py::arg("v_sb"),
       py::arg("v_sh"), py::arg("v_ss"), py::arg("allowed"), py::arg("m_sb"), py::arg("m_st"), py::arg("m_ss"),
       py::arg("out"), py::arg("layer_scaled"), py::arg("scale"), py::arg("q_divisor"), py::arg("coeff"),
+      py::arg("kv_lens") = 0,
       "GQA attention of q [B,T,nh,hd] over keys/values [B,nkv,S,hd] (element strides) under allowed [B,T,S] "
-      "(byte strides); out [B,T,nh*hd]. See attention.h for the numerics");
+      "(byte strides); out [B,T,nh*hd]; kv_lens: optional int64 [B] per-row key counts (0: none). See "
+      "attention.h for the numerics");
 }
 
 }  // namespace glmrt
