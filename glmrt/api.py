@@ -122,6 +122,13 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
             from .tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(prep.directory, family)
             model.chat_family = family
+    else:  # a preset: a synthetic tokenizer of its release's kind, built on first use
+        import functools
+        from .synthetic_tokenizer import PRESET_FAMILIES, synthetic_tokenizer
+        family = PRESET_FAMILIES.get(prep.source[len(SYNTHETIC_PREFIX):])
+        if family is not None:
+            model._tokenizer_factory = functools.partial(synthetic_tokenizer, family)
+            model.chat_family = family
     return model
 
 

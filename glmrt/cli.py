@@ -30,7 +30,7 @@ _GENERATION_FLAGS = {
 
 
 # Modules that add their own subcommands (see _parser).
-_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.conformance", "glmrt.quantize_cmd")
+_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.conformance", "glmrt.quantize_cmd", "glmrt.serve_cmd")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:

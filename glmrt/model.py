@@ -27,13 +27,31 @@ class Model:
         self.backend = plan.backend
         self.device = plan.device
         self.dtype = graph.dtype
-        self.tokenizer = None  # set by load() when the checkpoint ships one
+        self._tokenizer = None  # set by load() when the checkpoint ships one
+        # A synthetic preset's tokenizer is built on first use (glmrt.synthetic_tokenizer).
+        self._tokenizer_factory = None
+        self._tokenizer_error: str | None = None
         self.chat_family: str | None = None  # the glmrt.chat format of that tokenizer
         # How decode steps run: "eager" (cache slices grow each step), "static" (fixed shapes, the
         # cache position on the device), "graph" (static, captured once as a CUDA graph), or
         # "auto" (graph on CUDA backends that declare graph capture, else eager).
         self.decode_mode = "auto"
         self._decoders: dict = {}
+
+    @property
+    def tokenizer(self):
+        factory, self._tokenizer_factory = self._tokenizer_factory, None
+        if factory is not None:
+            from .tokenizer import MissingDependencyError
+            try:
+                self._tokenizer = factory()
+            except MissingDependencyError as exc:  # token ids still work; text needs the package
+                self._tokenizer_error = str(exc)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer, self._tokenizer_factory = value, None
 
     def __repr__(self) -> str:
         c = self.config
@@ -209,8 +227,10 @@ class Model:
 
     def _require_tokenizer(self):
         if self.tokenizer is None or self.chat_family is None:
-            raise InputError(f"{self.source} has no tokenizer glmrt can read (synthetic presets have none): load a "
-                             "checkpoint directory that ships its tokenizer files, or work with token ids")
+            if self._tokenizer_error:
+                raise InputError(f"{self.source}: {self._tokenizer_error}")
+            raise InputError(f"{self.source} has no tokenizer glmrt can read: load a checkpoint directory that ships "
+                             "its tokenizer files, or work with token ids")
         return self.tokenizer
 
     def chat_stream(self, messages, tools=None, **generation) -> Iterator[str]:
