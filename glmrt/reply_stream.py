@@ -63,6 +63,7 @@ class ReplyStream:
         # <|assistant|> separates segments, so it must survive decoding (other specials too, as
         # Model.chat decodes); plain text drops the specials.
         self._decoder = chat.StreamDecoder(tokenizer, skip_special=not self.segmented)
+        self._vocab_size = tokenizer.vocab_size
         self.stop = [s for s in stop if s]
         self.tools = list(tools)
         self.raw = ""  # decoded text so far (cut at a stop string)
@@ -76,6 +77,8 @@ class ReplyStream:
         """Deltas that are safe after this token (none once stopped)."""
         if self.stopped or self._finished:
             return []
+        if not 0 <= token_id < self._vocab_size:
+            return []  # padding rows of the embedding past the tokenizer's vocabulary: no text
         piece = self._decoder.feed(token_id)
         if not piece:
             return []
