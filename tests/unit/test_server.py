@@ -144,23 +144,33 @@ def test_completions_text_and_token_ids(chatglm3_server):
 
 
 def test_stop_strings_never_leak(chatglm3_server):
+    """A stop string that spans two streamed pieces (so two tokens): nothing of it is sent, in
+    either mode; the text ends right before it and finish_reason is stop."""
     client = chatglm3_server.client()
-    base = client.completions.create(model="chatglm3-tiny", prompt=[5, 6, 7, 8], max_tokens=30, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
-    if len(base) < 6:
-        pytest.skip("the random model wrote too little text to cut")
-    stop = base[3:6]  # a stop string that spans tokens, most likely
-    cut = base[:base.index(stop)]
+    kwargs = dict(model="chatglm3-tiny", prompt=[5, 6, 7, 8], max_tokens=30, temperature=0,
+                  extra_body={"ignore_eos": True})
+    pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    base = "".join(pieces)
+    cut_at = None
+    for k in range(1, len(pieces) - 1):
+        left, right = pieces[k], pieces[k + 1]
+        if len(left) >= 2 and len(right) >= 1:
+            stop = left[-2:] + right[:1]
+            start = sum(len(p) for p in pieces[:k + 1]) - 2
+            if base.find(stop) == start:  # its first occurrence spans the boundary
+                cut_at = start
+                break
+    if cut_at is None:
+        pytest.skip("the random model wrote no piece boundary to put a stop string across")
     for stream in (False, True):
-        out = client.completions.create(model="chatglm3-tiny", prompt=[5, 6, 7, 8], max_tokens=30, temperature=0,
-                                        stop=[stop], stream=stream, extra_body={"ignore_eos": True})
+        out = client.completions.create(stop=[stop], stream=stream, **kwargs)
         if stream:
             chunks = list(out)
             text = "".join(c.choices[0].text for c in chunks if c.choices)
             reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][-1]
         else:
             text, reason = out.choices[0].text, out.choices[0].finish_reason
-        assert text == cut and reason == "stop"
+        assert (text, reason) == (base[:cut_at], "stop")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -377,3 +387,70 @@ def test_tools_for_a_generation_without_them_get_400(tmp_path, sp_dir):
         assert ok.choices[0].finish_reason in ("length", "stop")
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------- in-process: loading, overload, faults
+def _in_process_app(loader, **kwargs):
+    from fastapi.testclient import TestClient
+    from glmrt.server import create_app
+    return TestClient(create_app("tiny", loader, **kwargs))
+
+
+def _tiny_model():
+    from test_engine import CHATGLM3, tiny_model
+    return tiny_model(CHATGLM3)
+
+
+def test_health_is_503_while_loading_then_200():
+    release = threading.Event()
+
+    def loader():
+        release.wait(30)
+        return _tiny_model()
+
+    with _in_process_app(loader) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.headers["Retry-After"] == "1"
+        assert health.json()["error"]["code"] == "model_loading"
+        busy = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2})
+        assert busy.status_code == 503 and "Retry-After" in busy.headers
+        release.set()
+        assert _wait_for(lambda: client.get("/health").status_code == 200)
+        assert client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2}).status_code == 200
+
+
+def test_full_queue_gets_429_with_retry_after():
+    model = _tiny_model()
+    with _in_process_app(lambda: model, max_batch=1, max_waiting=1) as client:
+        assert _wait_for(lambda: client.get("/health").status_code == 200)
+        engine = client.app.state.glmrt.engine
+        engine.stop()  # nothing is served: requests pile up in the queue
+        from glmrt.engine import Request
+        engine.submit(Request([5, 6], 4))
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2})
+        assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "queue_full"
+
+
+def test_a_fault_mid_stream_ends_the_stream_with_an_error_event():
+    model = _tiny_model()
+    with _in_process_app(lambda: model) as client:
+        assert _wait_for(lambda: client.get("/health").status_code == 200)
+        engine = client.app.state.glmrt.engine
+        head = next(s for s in engine.decode_plan.steps if s.node.op == "lm_head")
+
+        def broken(*args):
+            raise RuntimeError("planted fault")
+
+        head.fn = broken  # the decode step fails; prefill (the model's own plan) still works
+        lines = []
+        with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 5,
+                                                            "stream": True}) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][len("data: "):])
+        assert "planted fault" in error["error"]["message"] and error["error"]["type"] == "server_error"
+        failed = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 5})
+        assert failed.status_code == 500 and "planted fault" in failed.json()["error"]["message"]
+        assert engine.snapshot()["slots_used"] == 0
