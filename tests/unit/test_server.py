@@ -454,3 +454,11 @@ def test_a_fault_mid_stream_ends_the_stream_with_an_error_event():
         failed = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 5})
         assert failed.status_code == 500 and "planted fault" in failed.json()["error"]["message"]
         assert engine.snapshot()["slots_used"] == 0
+
+
+def test_serve_refuses_tensor_parallel_for_now():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "glmrt", "serve", "synthetic:chatglm3-6b", "--tensor-parallel", "2"],
+                         capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 2 and "--tensor-parallel is not available yet" in out.stderr
