@@ -137,7 +137,7 @@ def _float_gemv_rows(ctx, module, x2d: torch.Tensor, weight: torch.Tensor, bias)
     whatever the row count, so a request's logits do not depend on how many others share the step
     (a GEMM from F.linear would sum in another order)."""
     limit = module.FLOAT_GEMV_MAX_M
-    if not ctx.row_invariant or x2d.shape[0] <= limit:
+    if not getattr(ctx, "row_invariant", False) or x2d.shape[0] <= limit:
         return _float_gemv(module, x2d, weight, bias)
     parts = [_float_gemv(module, x2d[i:i + limit], weight, bias) for i in range(0, x2d.shape[0], limit)]
     return None if any(p is None for p in parts) else torch.cat(parts)

@@ -81,6 +81,11 @@ def test_chat_matches_generate_on_the_release_prompt(fixture, request):
 def test_build_inputs_places_specials_like_the_release():
     model = glmrt.load("synthetic:chatglm3-6b", layers=1, dtype="bfloat16", progress=False)
     assert model.build_inputs([5, 6]) == [64790, 64792, 5, 6]
+    # presets carry a synthetic tokenizer of their release's kind (glmrt.synthetic_tokenizer)
+    assert model.chat_family == "chatglm3" and model.tokenizer.special["<|assistant|>"] == 64796
+    reply = model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    assert set(reply) >= {"content", "tool_calls", "token_ids"}
+    model.tokenizer = None
     with pytest.raises(InputError, match="no tokenizer"):
         model.chat([{"role": "user", "content": "hi"}])
 
