@@ -122,7 +122,7 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
             from .tokenizer import load_tokenizer
             model.tokenizer = load_tokenizer(prep.directory, family)
             model.chat_family = family
-    else:  # a preset: a synthetic tokenizer of its release's kind, built on first use
+    elif prep.source.startswith(SYNTHETIC_PREFIX):  # a preset: a synthetic tokenizer of its release's kind, built on first use
         import functools
         from .synthetic_tokenizer import PRESET_FAMILIES, synthetic_tokenizer
         family = PRESET_FAMILIES.get(prep.source[len(SYNTHETIC_PREFIX):])
