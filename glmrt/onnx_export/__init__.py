@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError, GLMRTError
-from .translate import FLAVORS, ExportError, Lowering, translate
+from .translate import FLAVORS, ExportError, Lowering
+from .translate import translate as write_graph
 
 FORMAT_NAME = "glmrt-onnx"
 FORMAT_VERSION = 1
@@ -134,7 +135,7 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
         builder = OnnxBuilder(tmp / DATA_FILE)
         lowering = Lowering(builder, fl, graph, prep.weights, accuracy_level, gqa)
         try:
-            translate(lowering)
+            write_graph(lowering)
         finally:
             builder.close_data()
         cfg = prep.cfg
