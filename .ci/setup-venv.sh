@@ -20,7 +20,7 @@ fi
 # build never pulls a second copy of anything (and never a CUDA torch).
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 if [ "${GLMRT_SETUP_TEST_DEPS:-1}" = "1" ]; then
-  "$VPY" -m pip install -q "pytest>=7" "transformers>=4.46" sentencepiece tiktoken tokenizers protobuf numpy safetensors matplotlib jsonschema jinja2 "gguf>=0.17" fastapi uvicorn prometheus_client httpx openai
+  "$VPY" -m pip install -q "pytest>=7" "transformers>=4.46" sentencepiece tiktoken tokenizers protobuf numpy safetensors matplotlib jsonschema jinja2 "gguf>=0.17" fastapi uvicorn prometheus_client httpx openai "onnx>=1.18" "onnxruntime>=1.23"
 fi
 # HIP compiler for the compile check of glmrt._native_hip (Debian's hipcc, clang 15). Optional: without
 # it the HIP target is skipped with one line. Installed only where apt can run as root.

@@ -27,8 +27,9 @@ from .config import GLMConfig  # noqa: E402
 from .errors import (BackendError, CheckpointError, ConfigError, GLMRTError, InputError,  # noqa: E402
                      UnsupportedModelError)
 from .model import Model  # noqa: E402
+from .onnx_export import export_onnx  # noqa: E402  (imports onnx only when called)
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "list_backends", "Model", "GLMConfig", "GLMRTError", "ConfigError", "UnsupportedModelError",
+__all__ = ["load", "list_backends", "export_onnx", "Model", "GLMConfig", "GLMRTError", "ConfigError", "UnsupportedModelError",
            "CheckpointError", "BackendError", "InputError", "__version__"]

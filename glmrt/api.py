@@ -83,7 +83,7 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
          kernels: str = "auto", progress: bool = True, fuse: bool = True) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
-    path_or_preset: a directory with config.json and weights, or "synthetic:<preset>" (real widths,
+    path_or_preset: a directory with config.json and weights, "synthetic:<preset>" (real widths,
         random weights with a fixed seed; see glmrt.models.PRESETS). Quantized checkpoints load as
         they are: `glmrt quantize` output, the released ChatGLM int4/int8 checkpoints
         (`quantization_bit` in config.json) and GLM-130B rank files quantized by its scripts.
@@ -106,6 +106,11 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     """
     if kernels not in KERNEL_CHOICES:  # before any weight is read
         raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    from .onnx_export import is_export
+    if is_export(path_or_preset):  # an ONNX export: one onnxruntime session (backend "onnxruntime[:provider]")
+        from .backends.onnxruntime.session import load_export
+        return load_export(path_or_preset, backend=backend, dtype=dtype, layers=layers, quantize=quantize,
+                           strict=strict, kernels=kernels)
     be = require_available(backend)
     prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
                    layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)

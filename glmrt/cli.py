@@ -30,7 +30,8 @@ _GENERATION_FLAGS = {
 
 
 # Modules that add their own subcommands (see _parser).
-_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.conformance", "glmrt.quantize_cmd", "glmrt.serve_cmd")
+_COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.conformance", "glmrt.quantize_cmd", "glmrt.serve_cmd",
+                                    "glmrt.onnx_export.cli")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:

@@ -37,6 +37,10 @@ class Plan:
     steps: list[PlanStep]
     kernels: str = "auto"  # how lower() was asked to choose (a derived plan is lowered the same way)
     strict: bool = False
+    # A backend that runs an already lowered whole graph (the onnxruntime backend on an ONNX export)
+    # sets session(ctx, input_ids) -> logits; execute() then calls it instead of the steps, which
+    # only describe where each node runs.
+    session: Callable | None = None
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +133,8 @@ def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, s
 
 def execute(plan: Plan, ctx: ops.ForwardContext, input_ids: torch.Tensor) -> torch.Tensor:
     """Run the plan for one step; returns the graph output (logits)."""
+    if plan.session is not None:
+        return plan.session(ctx, input_ids)
     env: dict[str, object] = {"input_ids": input_ids}
     for step in plan.steps:
         node = step.node

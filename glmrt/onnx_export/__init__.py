@@ -19,8 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError, GLMRTError
-from .translate import FLAVORS, ExportError, Lowering
-from .translate import translate as write_graph
+from .flavors import FLAVORS, ExportError
 
 FORMAT_NAME = "glmrt-onnx"
 FORMAT_VERSION = 1
@@ -105,7 +104,11 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
     with a past and more than one new token must have batch 1); False writes the decomposition.
     check: run onnx.checker on the written file (by path, so the external data is checked too).
     """
-    import onnx  # the `onnx` extra: imported here so glmrt works without it
+    try:
+        import onnx  # the `onnx` extra: imported here so glmrt works without it
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs the onnx package ({exc}): pip install 'glmrt[onnx]' "
+                          "(or pip install onnx onnxruntime)") from None
     from .. import __version__
     from ..api import prepare
     from ..config import dtype_name
@@ -132,6 +135,8 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
     tmp.mkdir(parents=True)
     try:
         from .builder import OnnxBuilder
+        from .translate import Lowering
+        from .translate import translate as write_graph
         builder = OnnxBuilder(tmp / DATA_FILE)
         lowering = Lowering(builder, fl, graph, prep.weights, accuracy_level, gqa)
         try:

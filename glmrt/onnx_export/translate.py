@@ -37,30 +37,12 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from ..errors import GLMRTError
 from ..graph import Graph, Node
 from ..ops import rope_tables
 from . import packing
 from .builder import ONNX_DTYPE, OnnxBuilder
+from .flavors import ExportError, Flavor
 
-
-class ExportError(GLMRTError):
-    """A model (or an option) the chosen ONNX flavor cannot express."""
-
-
-@dataclass(frozen=True)
-class Flavor:
-    name: str
-    opsets: dict
-    target: str  # who the flavor is for
-
-
-FLAVORS = {
-    "ort": Flavor("ort", {"": 21, "com.microsoft": 1},
-                  "onnxruntime (CPU, CUDA, MIGraphX execution providers): its com.microsoft contrib ops"),
-    "standard": Flavor("standard", {"": 23},
-                       "vendor compilers that take standard ONNX only (Ascend ATC / CANN, MIGraphX, TensorRT)"),
-}
 
 FLOAT = TensorProto.FLOAT
 
