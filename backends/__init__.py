@@ -23,6 +23,7 @@ BUILTIN = {
     "rocm": "glmrt.backends.rocm:ROCmBackend",
     "npu": "glmrt.backends.npu:NPUBackend",
     "sunway": "glmrt.backends.sunway:SunwayBackend",
+    "onnxruntime": "glmrt.backends.onnxruntime:OnnxRuntimeBackend",  # runs ONNX exports (glmrt export)
 }
 # "auto" picks the first available of these.
 AUTO_ORDER = ("cuda", "rocm", "npu", "cpu")
