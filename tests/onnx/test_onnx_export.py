@@ -285,3 +285,23 @@ def test_manifest_states_signature_and_position_rule(export):
     assert sig["position_ids"]["shape"] == ["batch", 2, "sequence"]
     assert sig["past_key_values.0.key"]["shape"] == ["batch", 4, "past_sequence", 16]
     assert json.loads(json.dumps(m)) == m
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("name", ["glm4", "chatglm-6b"])
+def test_float16_export_runs_on_the_cpu_provider(cases, tmp_path, name, flavor):
+    """float16 weights, KV cache and activations (logits still float32): against glmrt's float16
+    reference, within 0.3% of the largest logit (a couple of fp16 rounding steps; measured <= 0.13%)."""
+    case = cases[name]
+    out = export_onnx(str(case.directory), tmp_path / "f16", flavor=flavor, dtype="float16", progress=False,
+                      token_ids=case.load_kwargs.get("token_ids"))
+    ex = Export(out)
+    assert ex.manifest["dtype"] == "float16"
+    ref = glmrt.load(str(case.directory), dtype="float16", kernels="reference", progress=False, **case.load_kwargs)
+    prompt = np.array([case.prompts[0]])
+    tokens = _tokens(case, 3)
+    prefill, steps = ex.decode(prompt, np.ones_like(prompt), tokens)
+    want = ref.logits(torch.from_numpy(np.concatenate((prompt, tokens), axis=1))).numpy()
+    got = np.concatenate((prefill, np.stack(steps, axis=1)), axis=1)
+    assert prefill.dtype == np.float32
+    assert _diff(got, want) <= 3e-3 * float(np.abs(want).max())
