@@ -12,7 +12,7 @@ from . import checkpoint, gguf_checkpoint
 from .backends import list_backends as _list_backends
 from .backends import get_backend, require_available
 from .config import GLMConfig, dtype_name, parse_dtype
-from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .errors import BackendError, CheckpointError, ConfigError, UnsupportedModelError
 from .fusion import backend_accepts, fuse_residual_norm
 from .graph import Graph, build_graph
 from .lowering import KERNEL_CHOICES, Plan, lower
@@ -112,6 +112,9 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
         return load_export(path_or_preset, backend=backend, dtype=dtype, layers=layers, quantize=quantize,
                            strict=strict, kernels=kernels)
     be = require_available(backend)
+    if getattr(be, "export_format", None):  # a backend that runs exported graphs only (onnxruntime)
+        raise BackendError(f"backend {be.name!r} runs {be.export_format} exports, and {path_or_preset} is not one: "
+                           f"glmrt export {path_or_preset} --format onnx --out DIR, then glmrt.load(DIR)")
     prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
                    layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
     device = be.device()

@@ -27,6 +27,9 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     aliases = ("ort",)
     device_type = "cpu"  # where the Model's tensors (ids, logits, the KV cache it feeds) live
+    # Runs exported graphs only: glmrt.load refuses a checkpoint for it, and glmrt bench skips it
+    # unless the model is an export.
+    export_format = "glmrt-onnx"
 
     def probe(self) -> ProbeResult:
         try:

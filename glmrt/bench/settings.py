@@ -170,6 +170,10 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
             skipped.append({"setting": f"backend {name}", "reason": reason})
             continue
         backend = get_backend(name)
+        if getattr(backend, "export_format", None):  # runs exported graphs only (onnxruntime)
+            skipped.append({"setting": f"backend {name}", "reason": f"backend {name} runs {backend.export_format} "
+                            "exports only: glmrt export MODEL --format onnx --out DIR, then load DIR"})
+            continue
         try:
             device = str(backend.device())
             supported = backend.capabilities().dtypes

@@ -121,3 +121,15 @@ def test_placement_parser():
            "... VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 120\n"
            "... VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 7\n")
     assert parse_placement(log) == {"CUDAExecutionProvider": 120, "CPUExecutionProvider": 7}
+
+
+def test_onnxruntime_backend_refuses_a_checkpoint_and_bench_skips_it(setup):
+    case, _, ref = setup["chatglm3"]
+    with pytest.raises(BackendError, match="glmrt export"):
+        glmrt.load(str(case.directory), backend="onnxruntime")
+    from types import SimpleNamespace
+    from glmrt.bench.settings import plan_settings
+    cfg = SimpleNamespace(backends=["all"], dtypes=["float32"], quantize=["none"], baselines=["none"])
+    settings, skipped = plan_settings(cfg, ref.config)
+    assert all(s.backend != "onnxruntime" for s in settings)
+    assert any(r["setting"] == "backend onnxruntime" and "exports only" in r["reason"] for r in skipped)
