@@ -123,6 +123,10 @@ def _op_coverage(backend) -> list[dict]:
     """Per IR op: the kernels the backend offers, best first, or that the op falls back."""
     from . import ops
     from .backends.base import KIND_RANK
+    if getattr(backend, "export_format", None):  # whole exported graphs (onnxruntime), not per-node kernels
+        why = (f"runs inside the {backend.export_format} export's session; `glmrt info DIR` shows where its nodes "
+               "were placed")
+        return [{"op": op, "kernels": [], "plan": "session", "why": why} for op in ops.REFERENCE]
     try:
         kernels = sorted(backend.kernels(), key=lambda k: KIND_RANK.get(k.kind, 9))
     except Exception as exc:  # noqa: BLE001 - info never raises for a broken backend

@@ -540,6 +540,10 @@ def run_check(args) -> int:
     from .backends import require_available
     from .backends.base import safe_probe
     backend = require_available(args.backend)
+    if getattr(backend, "export_format", None):
+        raise GLMRTError(f"backend {backend.name!r} has no per-op kernels to check: it runs {backend.export_format} "
+                         "exports as one graph. Its checks are the export tests (tests/onnx): exported models against "
+                         "glmrt's reference, driven through the ONNX signature")
     dtype = parse_dtype(args.dtype)
     t0 = time.perf_counter()
     dtypes = [d for d in backend.capabilities().dtypes if d in RTOL]

@@ -172,7 +172,11 @@ def load_export(directory, *, backend="auto", dtype=None, layers=None, quantize=
         raise BackendError(f"strict: nodes of {directory} run outside {session.provider}: {session.placement_text()}")
     steps = [PlanStep(node, session, f"onnxruntime.{session.provider}", VENDOR, reason) for node in graph.nodes]
     plan = Plan(backend=be, graph=graph, steps=steps, session=session)
-    model = Model(cfg, graph, plan, {}, str(directory))
+    # The weights live in onnxruntime's session; a meta tensor the size of the external-data file lets
+    # Model.weight_bytes() (info, bench) report them without holding a second copy.
+    data_bytes = (directory / manifest["files"]["external_data"]).stat().st_size
+    weights = {"onnx.external_data": torch.empty(data_bytes, dtype=torch.uint8, device="meta")}
+    model = Model(cfg, graph, plan, weights, str(directory))
     model.decode_mode = "eager"
     family = tokenizer_family(cfg, directory)
     if family is not None:

@@ -133,3 +133,13 @@ def test_onnxruntime_backend_refuses_a_checkpoint_and_bench_skips_it(setup):
     settings, skipped = plan_settings(cfg, ref.config)
     assert all(s.backend != "onnxruntime" for s in settings)
     assert any(r["setting"] == "backend onnxruntime" and "exports only" in r["reason"] for r in skipped)
+
+
+def test_weight_bytes_and_cli_surfaces(setup, capsys):
+    _, d, _ = setup["chatglm3"]
+    model = glmrt.load(str(d), backend="onnxruntime")
+    assert model.weight_bytes() == (d / "model.onnx.data").stat().st_size
+    assert cli_main(["info", "--backend", "onnxruntime"]) == 0
+    assert "runs inside the glmrt-onnx export's session" in capsys.readouterr().out
+    assert cli_main(["check", "--backend", "onnxruntime"]) == 2
+    assert "no per-op kernels" in capsys.readouterr().err
