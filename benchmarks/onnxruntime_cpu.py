@@ -52,7 +52,6 @@ def worker(args) -> dict:
     prompt = torch.randint(0, 1 << 30, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     runner, dtype, quant = args.setting.split("/")
     quant = None if quant == "none" else quant
-    clock = []
 
     if runner == "glmrt-cpu":
         model = glmrt.load(args.model, backend="cpu", layers=args.layers, dtype=dtype, quantize=quant, progress=False)

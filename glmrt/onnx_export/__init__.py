@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import ConfigError, GLMRTError
+from ..errors import ConfigError
 from .flavors import FLAVORS, ExportError
 
 FORMAT_NAME = "glmrt-onnx"

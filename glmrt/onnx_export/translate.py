@@ -29,7 +29,6 @@ the graph from ``attention_mask``, ``input_ids`` and the past length, and shared
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
