@@ -122,6 +122,19 @@ def describe_model(spec: str, layers: int | None):
     from ..api import SYNTHETIC_PREFIX, _cut_layers
     from ..errors import UnsupportedModelError
     from ..models import config_from_dict, preset
+    export = onnx_export_manifest(spec)
+    if export is not None:  # an ONNX export: its manifest holds the (already cut) config
+        if layers is not None:
+            raise ConfigError(f"{spec} is an ONNX export: its depth was chosen when exporting (glmrt export "
+                              "--layers N); drop --layers")
+        from ..config import GLMConfig
+        raw = dict(export["config"], eos_token_ids=tuple(export["config"].get("eos_token_ids") or ()))
+        cut = GLMConfig(**raw)
+        info = {"source": spec, "generation": cut.generation, "num_layers": cut.num_layers,
+                "full_num_layers": cut.num_layers, "parameters": cut.num_parameters(),
+                "full_parameters": cut.num_parameters(), "config": cut.to_dict(),
+                "onnx_export": {k: export[k] for k in ("source", "flavor", "dtype", "quantization", "attention")}}
+        return info, cut
     if spec.startswith(SYNTHETIC_PREFIX):
         raw = preset(spec[len(SYNTHETIC_PREFIX):])
     else:
@@ -136,6 +149,21 @@ def describe_model(spec: str, layers: int | None):
             "full_num_layers": full.num_layers, "parameters": cut.num_parameters(),
             "full_parameters": full.num_parameters(), "config": cut.to_dict()}
     return info, cut
+
+
+def onnx_export_manifest(spec) -> dict | None:
+    """The manifest when ``spec`` is a `glmrt export --format onnx` directory, else None."""
+    from ..onnx_export import is_export, read_manifest
+    return read_manifest(spec) if is_export(spec) else None
+
+
+def weights_source(model: str, layers: int | None) -> tuple[str, int | None]:
+    """Where the reference and the baselines read their weights: an ONNX export's own source
+    (checkpoint or preset, cut to the exported depth), else the model itself."""
+    export = onnx_export_manifest(model)
+    if export is None:
+        return model, layers
+    return export["source"], export["config"]["num_layers"]
 
 
 def resolved_model(spec: str) -> str:
@@ -170,9 +198,33 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
             skipped.append({"setting": f"backend {name}", "reason": reason})
             continue
         backend = get_backend(name)
-        if getattr(backend, "export_format", None):  # runs exported graphs only (onnxruntime)
+        export = onnx_export_manifest(cfg.model)
+        runs_exports = bool(getattr(backend, "export_format", None))  # onnxruntime: exported graphs only
+        if runs_exports and export is None:
             skipped.append({"setting": f"backend {name}", "reason": f"backend {name} runs {backend.export_format} "
-                            "exports only: glmrt export MODEL --format onnx --out DIR, then load DIR"})
+                            "exports only: glmrt export MODEL --format onnx --out DIR, then glmrt bench DIR "
+                            f"--backends {name}"})
+            continue
+        if export is not None and not runs_exports:
+            skipped.append({"setting": f"backend {name}", "reason": f"{cfg.model} is an ONNX export: it runs on "
+                            "the onnxruntime backend; bench the original checkpoint for this backend"})
+            continue
+        if export is not None:  # dtype and quantization were fixed when exporting
+            fixed = [(d, q) for d in cfg.dtypes for q in cfg.quantize if d == export["dtype"] and q == "none"]
+            quant = export["quantization"]
+            weights = f"INT{quant['bits']}" if quant else "float weights"
+            for d in cfg.dtypes:
+                for q in cfg.quantize:
+                    if (d, q) not in fixed:
+                        skipped.append({"setting": f"{name}/{d}/{q}", "reason": f"{cfg.model} was exported in "
+                                        f"{export['dtype']} with {weights}: use --dtype {export['dtype']} "
+                                        "--quantize none (the export's own), or export again"})
+            device = str(backend.device())
+            for d, q in fixed:
+                device_dtypes.setdefault(device, [])
+                if d not in device_dtypes[device]:
+                    device_dtypes[device].append(d)
+                settings.append(Setting("glmrt", name, device, d, q))
             continue
         try:
             device = str(backend.device())

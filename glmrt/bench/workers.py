@@ -18,7 +18,7 @@ from .baselines import EagerRunner, TransformersRunner
 from .machine import device_copy_bandwidth, load_average, published_bandwidth
 from .metrics import (RunTiming, TokenClock, _log, decode_traffic, device_peak_bytes, full_depth_estimate,
                       logit_drift, measure, peak_memory_note, reset_peak_memory, summarize_timings)
-from .settings import Setting
+from .settings import Setting, weights_source
 
 
 # An eos list that matches nothing: every timed run generates exactly gen_len tokens.
@@ -52,7 +52,8 @@ def _task_reference(task: dict) -> dict:
     from ..lowering import lower
     from ..model import Model
     t0 = time.perf_counter()
-    loaded = glmrt.load(task["model"], backend="cpu", dtype="float32", layers=task["layers"], progress=True)
+    source, layers = weights_source(task["model"], task["layers"])
+    loaded = glmrt.load(source, backend="cpu", dtype="float32", layers=layers, progress=True)
     plan = lower(loaded.graph, _ReferenceOnly.backend(), loaded.weights)
     model = Model(loaded.config, loaded.graph, plan, loaded.weights, loaded.source)
     logits = model.logits(torch.tensor(task["prompt_ids"], dtype=torch.long))
@@ -131,7 +132,15 @@ def _task_glmrt(task: dict) -> dict:
     peak = {"bytes": backend.memory_stats().get("peak_bytes"), "load_peak_bytes": load_peak,
             "what": peak_memory_note(model.device.type, was_reset)}
     drift = logit_drift(model.logits(prompt), torch.load(task["reference_logits"]))
-    traffic = decode_traffic(model.graph, model.weights, task["batch"], task["prompt_len"], task["gen_len"])
+    if getattr(model, "onnx_manifest", None) is not None:  # the weights live in the session: count the graph's
+        from ..api import prepare
+        q = model.onnx_manifest.get("quantization")
+        quant = q and f"int{q['bits']}" + (f"-g{q['group_size']}" if q["group_size"] else "")
+        src, layers = weights_source(task["model"], task["layers"])
+        planned = prepare(src, dtype=s["dtype"], layers=layers, quantize=quant, progress=False, materialize=False)
+        traffic = decode_traffic(planned.graph, planned.weights, task["batch"], task["prompt_len"], task["gen_len"])
+    else:
+        traffic = decode_traffic(model.graph, model.weights, task["batch"], task["prompt_len"], task["gen_len"])
     result = _setting_metrics(task, timings, traffic, drift, peak)
     described = backend.describe()
     result.update(status="ok", label=f"glmrt on {backend.name}", load_s=load_s, weight_bytes=model.weight_bytes(),
@@ -148,7 +157,8 @@ def _task_baseline(task: dict) -> dict:
     label = Setting(**s).id
     t0 = time.perf_counter()
     # The same weights as every glmrt setting (checkpoint or synthetic seed), in this dtype.
-    source = glmrt.load(task["model"], backend="cpu", dtype=s["dtype"], layers=task["layers"], progress=True)
+    model, layers = weights_source(task["model"], task["layers"])
+    source = glmrt.load(model, backend="cpu", dtype=s["dtype"], layers=layers, progress=True)
     traffic = decode_traffic(source.graph, source.weights, task["batch"], task["prompt_len"], task["gen_len"])
     cfg, weights = source.config, dict(source.weights)
     del source

@@ -129,7 +129,8 @@ def test_onnxruntime_backend_refuses_a_checkpoint_and_bench_skips_it(setup):
         glmrt.load(str(case.directory), backend="onnxruntime")
     from types import SimpleNamespace
     from glmrt.bench.settings import plan_settings
-    cfg = SimpleNamespace(backends=["all"], dtypes=["float32"], quantize=["none"], baselines=["none"])
+    cfg = SimpleNamespace(model=str(case.directory), backends=["all"], dtypes=["float32"], quantize=["none"],
+                          baselines=["none"])
     settings, skipped = plan_settings(cfg, ref.config)
     assert all(s.backend != "onnxruntime" for s in settings)
     assert any(r["setting"] == "backend onnxruntime" and "exports only" in r["reason"] for r in skipped)
@@ -143,3 +144,26 @@ def test_weight_bytes_and_cli_surfaces(setup, capsys):
     assert "runs inside the glmrt-onnx export's session" in capsys.readouterr().out
     assert cli_main(["check", "--backend", "onnxruntime"]) == 2
     assert "no per-op kernels" in capsys.readouterr().err
+
+
+def test_glmrt_bench_runs_an_export_on_onnxruntime(setup, tmp_path):
+    """`glmrt bench DIR --backends onnxruntime`: the export against the reference and the transformers
+    baseline built from its source checkpoint; other backends and settings are skipped with reasons."""
+    from glmrt import bench
+    _, d, _ = setup["chatglm3"]
+    out = tmp_path / "bench"
+    argv = [str(d), "--backends", "onnxruntime,cpu", "--dtype", "float32", "--quantize", "none,int8",
+            "--baseline", "transformers", "--repeat", "1", "--warmup", "0", "--prompt-len", "4", "--gen-len", "3",
+            "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    rows = {r["id"]: r for r in doc["results"]}
+    ort_row = next(r for r in doc["results"] if r.get("setting", {}).get("backend") == "onnxruntime"
+                   or "onnxruntime" in r["id"])
+    assert ort_row["status"] == "ok", ort_row
+    assert ort_row["drift"]["max_abs_logit_diff"] <= 1e-4
+    assert any("transformers" in i and r["status"] == "ok" for i, r in rows.items())
+    reasons = " ".join(r["reason"] for r in doc["skipped"])
+    assert "is an ONNX export" in reasons and "exported in float32" in reasons
+    import jsonschema
+    jsonschema.validate(doc, json.loads(bench.SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
