@@ -146,10 +146,14 @@ def test_weight_bytes_and_cli_surfaces(setup, capsys):
     assert "no per-op kernels" in capsys.readouterr().err
 
 
-def test_glmrt_bench_runs_an_export_on_onnxruntime(setup, tmp_path):
+def test_glmrt_bench_runs_an_export_on_onnxruntime(setup, tmp_path, monkeypatch):
     """`glmrt bench DIR --backends onnxruntime`: the export against the reference and the transformers
     baseline built from its source checkpoint; other backends and settings are skipped with reasons."""
     from glmrt import bench
+    # The bandwidth probe's buffer (>= 1 GiB, 7 passes) is not what this test checks: keep it small.
+    monkeypatch.setattr(bench, "CPU_STREAM_MIN_BYTES", 1 << 24)
+    monkeypatch.setattr(bench, "CPU_STREAM_CACHE_FACTOR", 1)
+    monkeypatch.setattr(bench, "CPU_STREAM_REPEATS", 1)
     _, d, _ = setup["chatglm3"]
     out = tmp_path / "bench"
     argv = [str(d), "--backends", "onnxruntime,cpu", "--dtype", "float32", "--quantize", "none,int8",
