@@ -115,7 +115,7 @@ def worker(args) -> dict:
                 return times, tokens
     elif runner == "transformers":
         from glmrt.api import prepare
-        from glmrt.bench import TransformersRunner
+        from glmrt.bench.baselines import TransformersRunner
         prep = prepare(args.model, layers=args.layers, dtype=dtype, progress=False)
         tr = TransformersRunner(prep.cfg, prep.weights, "cpu")
         prompt = prompt % prep.cfg.vocab_size
@@ -160,7 +160,7 @@ def main() -> int:
         return 0
 
     import glmrt
-    from glmrt.bench import stamp
+    from glmrt.bench.machine import stamp
     info = stamp(args.threads)
     info["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     rows = []

@@ -157,7 +157,17 @@ def _cmd_info(args) -> int:
         backend = get_backend(args.backend)
         out["backend"] = backend.describe()
         out["backend"]["ops"] = _op_coverage(backend)
-    if args.model:
+    from .onnx_export import is_export
+    if args.model and is_export(args.model):
+        # An ONNX export: its session is built, which is where onnxruntime reports the node placement.
+        from .api import load
+        model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, quantize=args.quantize,
+                     strict=args.strict)
+        out["model"] = model.info()
+        out["plan"] = model.plan.report()
+        out["backend"] = model.backend.describe()
+        out["backend"]["ops"] = _op_coverage(model.backend)
+    elif args.model:
         # The plan depends on the graph only (a kernel's supports() sees the node, never the data):
         # plan on meta tensors, so nothing is read or generated, and without the hardware when the
         # backend is absent.

@@ -150,10 +150,11 @@ def test_glmrt_bench_runs_an_export_on_onnxruntime(setup, tmp_path, monkeypatch)
     """`glmrt bench DIR --backends onnxruntime`: the export against the reference and the transformers
     baseline built from its source checkpoint; other backends and settings are skipped with reasons."""
     from glmrt import bench
-    # The bandwidth probe's buffer (>= 1 GiB, 7 passes) is not what this test checks: keep it small.
-    monkeypatch.setattr(bench, "CPU_STREAM_MIN_BYTES", 1 << 24)
-    monkeypatch.setattr(bench, "CPU_STREAM_CACHE_FACTOR", 1)
-    monkeypatch.setattr(bench, "CPU_STREAM_REPEATS", 1)
+    from glmrt.bench import machine
+    from glmrt.bench.render import SCHEMA_PATH
+    # The bandwidth probe's buffer is not what this test checks: keep it small.
+    monkeypatch.setattr(machine, "CPU_STREAM_MIN_BYTES", 1 << 24)
+    monkeypatch.setattr(machine, "CPU_STREAM_MAX_BYTES", 1 << 24)
     _, d, _ = setup["chatglm3"]
     out = tmp_path / "bench"
     argv = [str(d), "--backends", "onnxruntime,cpu", "--dtype", "float32", "--quantize", "none,int8",
@@ -170,4 +171,4 @@ def test_glmrt_bench_runs_an_export_on_onnxruntime(setup, tmp_path, monkeypatch)
     reasons = " ".join(r["reason"] for r in doc["skipped"])
     assert "is an ONNX export" in reasons and "exported in float32" in reasons
     import jsonschema
-    jsonschema.validate(doc, json.loads(bench.SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
