@@ -100,6 +100,9 @@ class OnnxSession:
         """One step: ctx is the Model's ForwardContext (positions, mask, KV cache); -> logits."""
         if ctx.cache_pos_t is not None:
             raise InputError("the onnxruntime backend decodes eagerly: set model.decode_mode = 'eager' (or 'auto')")
+        if getattr(ctx, "cache_positions", None) is not None:
+            raise InputError("the onnxruntime backend runs one batch at a time (Model.generate / stream / chat); "
+                             "the serving engine's rows at different cache positions are not supported on it")
         B, T = input_ids.shape
         past_len = ctx.cache_pos if ctx.cache is not None else 0
         S = past_len + T
