@@ -223,12 +223,21 @@ def int4_values_kn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return unpack_int4(packed, in_features).t().to(torch.int32).contiguous()  # (K, N)
 
 
-def antiquant_scale(scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def antiquant_scale(scale: torch.Tensor, group_size: int, dtype: torch.dtype, weight_transposed: bool) -> torch.Tensor:
     """glmrt's scale (N,) or (N, G) -> the op's (N,) per-channel or (G, N) per-group layout, in the
-    activation dtype (the op requires the scale's dtype to equal x's). A transposed view: the op
-    takes non-contiguous (transposed) scales."""
-    s = scale if group_size == 0 else scale.t()
-    return s.to(dtype)
+    activation dtype (the op requires the scale's dtype to equal x's).
+
+    The layout of a per-group scale must follow the weight's (aclnnWeightQuantBatchMatmulV2's
+    ContiguousCheck / CheckContiguous, hicann/ops-nn
+    matmul/weight_quant_batch_matmul_v2/op_host/op_api/aclnn_weight_quant_batch_matmul_v2.cpp):
+    with a contiguous (K, N) weight (the INT4 int32 pack) the scale must be a contiguous (G, N),
+    else ACLNN_ERR_PARAM_INVALID; with a transposed weight (INT8, glmrt's (N, K) viewed as (K, N))
+    the op reads the scale's storage as a contiguous (N, G) (CreateTransposedView), so it must be
+    the transposed view of one -- a contiguous (G, N) there is silently misread."""
+    if group_size == 0:
+        return scale.to(dtype)
+    s = scale.to(dtype).contiguous()  # (N, G)
+    return s.t() if weight_transposed else s.t().contiguous()  # (G, N): a view, or its own storage
 
 
 def bias_for(x_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -547,7 +556,7 @@ class NPUKernels:
         else:
             weight = self.int4_cache.get(params["weight"], k)  # (K, N/8) int32
         y = vendor().npu_weight_quant_batchmatmul(
-            x2, weight, antiquant_scale(params["scale"], q["group_size"], x.dtype),
+            x2, weight, antiquant_scale(params["scale"], q["group_size"], x.dtype, weight_transposed=q["bits"] == 8),
             bias=bias_for(x.dtype, params.get("bias")), antiquant_group_size=q["group_size"])
         return y.reshape(*x.shape[:-1], y.shape[-1])  # (B, T, N)
 

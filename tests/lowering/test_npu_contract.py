@@ -500,6 +500,10 @@ def test_weight_quant_matmul_matches_the_dequantizing_reference(dtype, bits, gro
     assert call["weight"].shape == ((512, 1024) if bits == 8 else (512, 128))
     if bias:
         assert call["bias"].dtype == (FP32 if dtype == BF16 else FP16)
+    if group:  # the scale's layout follows the weight's (the double refuses or misreads the others)
+        scale_arg = call["antiquant_scale"]
+        assert scale_arg.shape == (512 // group, 1024)
+        assert scale_arg.is_contiguous() if bits == 4 else scale_arg.t().is_contiguous()
     kernels.weight_quant_matmul(_ctx(3, 5), node, [x], params)  # a second forward reuses the conversion
     assert len(double.calls("npu_convert_weight_to_int4pack")) == (1 if bits == 4 else 0)
 
@@ -519,6 +523,32 @@ def test_prepare_weights_converts_int4_ahead_of_the_first_forward():
 
 
 # ---------------------------------------------------------------------------- the double refuses what the ops refuse
+def test_double_reads_group_scales_the_way_the_op_does(rng):
+    """aclnnWeightQuantBatchMatmulV2 (A2/A3): next to a contiguous weight the scale must be
+    contiguous (a parameter error otherwise); next to a transposed weight its storage is read as the
+    contiguous (N, G) matrix, so a contiguous (G, N) scale is misread without an error. Reference:
+    the dequantized product x @ (q * s) computed here in fp32."""
+    K, N, g = 128, 64, 32
+    x = torch.randn(3, K, generator=rng).to(BF16)
+    q = torch.randint(-7, 8, (N, K), generator=rng, dtype=torch.int8)  # glmrt's (N, K)
+    s_ng = (0.01 + torch.rand(N, K // g, generator=rng)).to(BF16)  # (N, G), contiguous
+    want = x.float() @ (q.float() * s_ng.float().repeat_interleave(g, dim=1)).t()  # (M, N)
+    s_gn_view, s_gn = s_ng.t(), s_ng.t().contiguous()  # (G, N): a view of (N, G), or its own storage
+
+    def run(weight, scale):
+        return double.npu_weight_quant_batchmatmul(x, weight, scale, antiquant_group_size=g).float()
+
+    assert rel_err(run(q.t(), s_gn_view), want) < 1e-2  # INT8: transposed weight, transposed scale
+    assert rel_err(run(q.t(), s_gn), want) > 0.1  # silently misread, as on the device
+    pack = double.npu_convert_weight_to_int4pack(q.t().to(torch.int32).contiguous().clamp(-8, 7))  # (K, N/8)
+    assert rel_err(run(pack, s_gn), want) < 1e-2  # INT4 pack: contiguous weight, contiguous scale
+    with pytest.raises(double.ContractError, match="antiquant_scale tensor is contiguous"):
+        run(pack, s_gn_view)
+    per_channel = s_ng[:, 0].contiguous()  # (N,): 1-D scales are read as given
+    assert rel_err(double.npu_weight_quant_batchmatmul(x, q.t(), per_channel).float(),
+                   x.float() @ (q.float() * per_channel.float()[:, None]).t()) < 1e-2
+
+
 def test_double_refuses_what_torch_npu_refuses():
     x = torch.randn(2, 3, 4, 128, dtype=BF16)
     err = double.ContractError

@@ -395,6 +395,29 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return values.flatten(-2)  # (k, n)
 
 
+def _is_transposed(t: torch.Tensor) -> bool:
+    """IsTransposeLastTwoDims: a 2-D view whose storage is the contiguous (cols, rows) matrix."""
+    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+
+
+def _antiquant_param_as_read(name: str, t: torch.Tensor, weight_transposed: bool) -> torch.Tensor:
+    """antiquant_scale / antiquant_offset as aclnnWeightQuantBatchMatmulV2 reads them.
+
+    Weight not transposed: the tensor must be contiguous (else ACLNN_ERR_PARAM_INVALID).
+    Weight transposed: the op makes a view with the last two dims swapped over the tensor's storage
+    at its offset, taken as contiguous (CreateTransposedView), whatever the tensor's strides: the
+    transposed view of a contiguous (N, G) reads right; a contiguous (G, N) with G > 1 is read as
+    another matrix, silently. 1-D tensors are taken as they are."""
+    if not weight_transposed:
+        _need(t.is_contiguous(), f"only support {name} tensor is contiguous or transpose last two dims. "
+                                 f"({name} {tuple(t.shape)} strides {t.stride()} next to a contiguous weight)")
+        return t
+    if t.dim() == 1:
+        return t
+    rows, cols = t.shape
+    return t.as_strided((cols, rows), (rows, 1), t.storage_offset()).t()  # what the kernel reads, (rows, cols)
+
+
 def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
                                  quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0,
                                  weight_dtype=None):
@@ -404,7 +427,9 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
 
     y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias, in x's dtype.
     x: 2-D (M, K) float16/bfloat16. weight: (K, N) int8 (a transposed view is fine), or int32
-    (K, N/8) from npu_convert_weight_to_int4pack. K, N in [1, 65535]. antiquant_scale: x's dtype,
+    (K, N/8) from npu_convert_weight_to_int4pack. The scale's layout must follow the weight's: a
+    contiguous scale next to a contiguous weight; next to a transposed weight the scale's storage
+    is read as the contiguous (N, G) (see _antiquant_param_as_read). K, N in [1, 65535]. antiquant_scale: x's dtype,
     (1,)/(1, 1) per tensor, (N,)/(1, N) per channel, (ceil(K/g), N) per group with g =
     antiquant_group_size a multiple of 32 in [32, K-1]; antiquant_offset: scale's shape and dtype.
     bias: (N,) or (1, N), contiguous, float32 with bfloat16 x, float16 with float16 x."""
@@ -420,6 +445,9 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
     M, K = x.shape
     _need(M >= 1, "empty x")
     _need(weight.dim() == 2, f"weight must be 2-D, got {tuple(weight.shape)}")
+    weight_transposed = _is_transposed(weight)
+    _need(weight_transposed or weight.is_contiguous(),
+          "only support weight tensor is contiguous or transpose last two dims.")
     if weight.dtype == torch.int8:
         _need(weight.shape[0] == K, f"weight must be (K, N) = ({K}, N); got {tuple(weight.shape)} "
                                     "(an (N, K) linear weight must be passed transposed)")
@@ -442,14 +470,21 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
         _need(g % 32 == 0 and 32 <= g <= K - 1, f"antiquant_group_size {g} must be a multiple of 32 in [32, K-1={K - 1}]")
         _need(shape == (math.ceil(K / g), N), f"per-group antiquant_scale must be (ceil(K/g), N) = "
                                               f"({math.ceil(K / g)}, {N}), got {shape}")
-        scale = antiquant_scale.float().repeat_interleave(g, dim=0)[:K]  # (K, N)
     else:
         _need(shape in ((1,), (1, 1), (N,), (1, N)), f"antiquant_scale {shape}: per tensor (1,), per channel (N,) or (1, N)")
-        scale = antiquant_scale.float().reshape(1, -1)
     if antiquant_offset is not None:
         _need(tuple(antiquant_offset.shape) == shape and antiquant_offset.dtype == antiquant_scale.dtype,
               "antiquant_offset must have antiquant_scale's shape and dtype")
-        offset = antiquant_offset.float()
+    # The scale's (and offset's) layout follows the weight's, as aclnnWeightQuantBatchMatmulV2 reads
+    # them on A2/A3/310P (hicann/ops-nn matmul/weight_quant_batch_matmul_v2/op_host/op_api/
+    # aclnn_weight_quant_batch_matmul_v2.cpp: AntiQuantScaleAndOffsetContiguousCheck, CheckContiguous).
+    antiquant_scale = _antiquant_param_as_read("antiquant_scale", antiquant_scale, weight_transposed)
+    if g:
+        scale = antiquant_scale.float().repeat_interleave(g, dim=0)[:K]  # (K, N)
+    else:
+        scale = antiquant_scale.float().reshape(1, -1)
+    if antiquant_offset is not None:
+        offset = _antiquant_param_as_read("antiquant_offset", antiquant_offset, weight_transposed).float()
         values = values + (offset.repeat_interleave(g, dim=0)[:K] if g else offset.reshape(1, -1))
     if bias is not None:
         want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
