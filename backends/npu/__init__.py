@@ -51,7 +51,8 @@ class NPUBackend(Backend):
             "order, performance and NPUGraph capture are unverified")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=("int8", "int4"),
+        # bfloat16 on the Atlas A2/A3 only (kernels.BF16_PRODUCTS: torch_npu's IsBF16Supported()).
+        return Capabilities(dtypes=kernels.product_dtypes(self.product().family), quant_formats=("int8", "int4"),
                             graph_capture=True,  # torch.npu.NPUGraph / torch.npu.graph
                             collective_backend="hccl", memory_query=True)
 

@@ -106,6 +106,21 @@ OP_PRODUCTS = {
     "npu_weight_quant_batchmatmul": {A2, A3, INFERENCE},  # the 310P: fp16 x, int8 per-channel only
     "npu_convert_weight_to_int4pack": {A2, A3},
 }
+# bfloat16 exists from the Atlas A2 on: torch_npu's c10_npu::IsBF16Supported() is
+# `GetSocVersion() >= SocVersion::Ascend910B1` (Ascend/pytorch torch_npu/csrc/core/npu/NpuVariables.cpp),
+# false for the original 910 (Ascend910A/ProA/ProB/PremiumA, the plain "Ascend910B" = 104) and the
+# 310P (200..); the ops' own tables say the same (aclnnRmsNorm, aclnnApplyRotaryPosEmb: "Atlas
+# inference series: FLOAT32, FLOAT16"). Products newer than A3 are not assumed to have it here.
+BF16_PRODUCTS = {A2, A3}
+
+
+def product_dtypes(family: str) -> tuple[torch.dtype, ...]:
+    """The activation dtypes a product runs (capabilities() and every kernel predicate)."""
+    if family in BF16_PRODUCTS:
+        return (torch.float32, torch.bfloat16, torch.float16)
+    return (torch.float32, torch.float16)
+
+
 # npu_rotary_mul's general kernel (jit_compile=False: any even D < 896, 'interleave' mode) exists on
 # A2/A3 only; elsewhere it is 'half' mode with D = 128 and 11SD/1S1D/S11D tables.
 ROTARY_MUL_GENERAL = {A2, A3}
@@ -260,13 +275,19 @@ class NPUKernels:
     def product(self) -> Product:
         return self._product_fn()
 
-    def _product_refusal(self, op_name: str, allowed: set[str] | None = None) -> str | None:
+    def _product_refusal(self, op_name: str, allowed: set[str] | None = None,
+                         dtype: torch.dtype | None = None) -> str | None:
+        """Why ``op_name`` cannot run on this product (not in its products table, not in this
+        torch_npu, or ``dtype`` bfloat16 on a product without bfloat16), or None."""
         p = self.product
         allowed = OP_PRODUCTS[op_name] if allowed is None else allowed
         if p.family not in allowed:
             return f"{op_name} is not documented for {p.describe()}; it runs on {', '.join(sorted(allowed))}"
         if op_keywords(op_name) is _MISSING:
             return f"this torch_npu has no {op_name}"
+        if dtype == torch.bfloat16 and p.family not in BF16_PRODUCTS:
+            return (f"{op_name} takes no bfloat16 on {p.describe()}: bfloat16 starts with the Atlas A2 "
+                    "(torch_npu's IsBF16Supported() is false below Ascend910B1)")
         return None
 
     # ------------------------------------------------------------------ norm: npu_rms_norm
@@ -284,7 +305,7 @@ class NPUKernels:
             return ("npu_rms_norm multiplies by the weight in fp32 and rounds once (THUDM's RMSNorm); this node "
                     f"rounds the normalized value to {_dtype_name(dtype)} before the weight multiply (transformers' "
                     "glm/glm4), which the op cannot reproduce bit for bit")
-        return self._product_refusal("npu_rms_norm")
+        return self._product_refusal("npu_rms_norm", dtype=dtype)
 
     def rms_norm(self, ctx, node, inputs, params):
         x = inputs[0]
@@ -311,10 +332,7 @@ class NPUKernels:
             return ("npu_add_rms_norm multiplies by the weight in fp32 and rounds once (THUDM's RMSNorm); this node "
                     f"rounds the normalized value to {_dtype_name(dtype)} before the weight multiply (transformers' "
                     "glm/glm4), which the op cannot reproduce bit for bit")
-        refusal = self._product_refusal("npu_add_rms_norm")
-        if refusal is None and self.product.family == INFERENCE and dtype == torch.bfloat16:
-            return f"npu_add_rms_norm takes no bfloat16 on {self.product.describe()}"
-        return refusal
+        return self._product_refusal("npu_add_rms_norm", dtype=dtype)
 
     def add_rms_norm(self, ctx, node, inputs, params):
         res, branch = inputs
@@ -337,10 +355,7 @@ class NPUKernels:
         dtype = node.input_specs[0].dtype
         if dtype not in FLOAT_DTYPES:
             return f"npu_apply_rotary_pos_emb takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
-        refusal = self._product_refusal("npu_apply_rotary_pos_emb")
-        if refusal is None and self.product.family == INFERENCE and dtype == torch.bfloat16:
-            return f"npu_apply_rotary_pos_emb takes no bfloat16 on {self.product.describe()}"
-        return refusal
+        return self._product_refusal("npu_apply_rotary_pos_emb", dtype=dtype)
 
     def rope_apply_rotary_pos_emb(self, ctx, node, inputs, params):
         """One fused in-place call for q and k, layout BSND; q/k are fresh contiguous copies.
@@ -373,7 +388,7 @@ class NPUKernels:
         if dtype not in FLOAT_DTYPES:
             return f"npu_rotary_mul takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
         mode = "interleave" if kind == "interleaved" else "half"
-        refusal = self._product_refusal("npu_rotary_mul")
+        refusal = self._product_refusal("npu_rotary_mul", dtype=dtype)
         if refusal:
             return refusal
         if self.product.family not in ROTARY_MUL_GENERAL:
@@ -433,7 +448,7 @@ class NPUKernels:
             return f"npu_swiglu takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
         if node.input_specs[0].shape[-1] % 2:
             return f"npu_swiglu halves the last dim; {node.input_specs[0].shape[-1]} is odd"
-        return self._product_refusal("npu_swiglu")
+        return self._product_refusal("npu_swiglu", dtype=dtype)
 
     def swiglu(self, ctx, node, inputs, params):
         return vendor().npu_swiglu(inputs[0].contiguous(), dim=-1)  # the op refuses non-contiguous input
@@ -461,7 +476,7 @@ class NPUKernels:
             return f"npu_fused_infer_attention_score needs num_heads/num_key_value_heads an integer <= 64, got {nh}/{nkv}"
         if nh * hd >= 65535:  # prefill without a cache passes layout BSND
             return f"npu_fused_infer_attention_score in layout BSND needs N*D < 65535, got {nh}*{hd}"
-        return self._product_refusal("npu_fused_infer_attention_score")
+        return self._product_refusal("npu_fused_infer_attention_score", dtype=dtype)
 
     def fused_infer_attention(self, ctx, node, inputs, params):
         """Prefill and decode through npu_fused_infer_attention_score with an explicit mask
@@ -534,7 +549,7 @@ class NPUKernels:
                 return refusal
         elif q["bits"] != 8:
             return f"{q['bits']}-bit weights: npu_weight_quant_batchmatmul takes int8 or int4"
-        refusal = self._product_refusal("npu_weight_quant_batchmatmul")
+        refusal = self._product_refusal("npu_weight_quant_batchmatmul", dtype=dtype)
         if refusal is None and self.product.family == INFERENCE:
             if dtype != torch.float16:
                 return f"npu_weight_quant_batchmatmul takes float16 activations only on {self.product.describe()}"
@@ -589,4 +604,4 @@ class NPUKernels:
 
 
 __all__ = ["vendor", "loaded_vendor", "NPUKernels", "Product", "detect_product", "int4_values_kn", "antiquant_scale",
-           "bias_for", "product_family", "OP_PRODUCTS"]
+           "bias_for", "product_family", "product_dtypes", "OP_PRODUCTS", "BF16_PRODUCTS"]

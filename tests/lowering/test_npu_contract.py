@@ -225,10 +225,56 @@ def test_original_910_runs_only_what_its_products_table_allows():
     assert step(glm130, op="attention").kind == REFERENCE
     chatglm6b = plan_of(tiny("chatglm-6b"), FP16, old)
     assert step(chatglm6b, op="rope").kind == REFERENCE  # 2-D RoPE halves are 64 wide: needs D = 128
-    chatglm3 = plan_of(tiny("chatglm3-6b"), BF16, old)
+    chatglm3 = plan_of(tiny("chatglm3-6b"), FP16, old)
     assert step(chatglm3, op="norm").impl == "torch_npu.npu_rms_norm"
     assert step(chatglm3, op="activation").kind == REFERENCE
     assert step(chatglm3, op="attention").kind == REFERENCE
+    norm = step(plan_of(tiny("chatglm3-6b"), BF16, old), op="norm")  # no bfloat16 below the A2
+    assert norm.kind == REFERENCE and "takes no bfloat16 on Ascend910A" in norm.reason
+
+
+@pytest.mark.parametrize("soc,bf16", [("Ascend910B3", True), ("Ascend910_9392", True), ("Ascend910A", False),
+                                      ("Ascend910ProB", False), ("Ascend910B", False), ("Ascend310P3", False)])
+def test_bfloat16_only_where_the_product_has_it(soc, bf16):
+    """torch_npu's IsBF16Supported() is `SocVersion >= Ascend910B1`: the original 910 (the plain
+    "Ascend910B" included) and the 310P have no bfloat16. The capability says so (glmrt.load refuses
+    the dtype there), every torch_npu kernel refuses bfloat16 nodes there, and so does the double."""
+    backend = npu(soc=soc)
+    assert (BF16 in backend.capabilities().dtypes) == bf16
+    assert {FP32, FP16} <= set(backend.capabilities().dtypes)
+    assert npu_kernels.product_dtypes(backend.product().family) == backend.capabilities().dtypes
+    assert double.bf16_supported(soc) == bf16
+    from glmrt.api import prepare
+    from glmrt.errors import ConfigError
+    if not bf16:
+        with pytest.raises(ConfigError, match="bfloat16"):
+            prepare("synthetic:chatglm3-6b", dtypes=backend.capabilities().dtypes, backend_name="npu",
+                    dtype="bfloat16", layers=1, progress=False, materialize=False)
+    for preset in ("chatglm3-6b", "glm-130b", "chatglm-6b"):
+        for quant in (None, (8, 0)):
+            plan = plan_of(tiny(preset), BF16, backend, quant=quant)
+            vendor_ops = {s.impl for s in plan.steps if s.impl.startswith("torch_npu.")}
+            if bf16:
+                continue
+            assert not vendor_ops, (soc, preset, vendor_ops)
+            # where float16 takes a torch_npu op, bfloat16 falls back and says why
+            fp16 = {s.node.name: s for s in plan_of(tiny(preset), FP16, backend, quant=quant).steps}
+            for s in plan.steps:
+                if fp16[s.node.name].impl.startswith("torch_npu."):
+                    assert "no bfloat16" in s.reason, (s.node.name, s.reason)
+
+
+def test_double_refuses_bfloat16_below_the_a2(torch_npu_double):
+    x = torch.randn(2, 3, 4, 128)
+    w = torch.ones(128)
+    for soc in ("Ascend910A", "Ascend310P3"):
+        torch_npu_double.npu.device_name = soc
+        torch_npu_double.npu_rms_norm(x.half(), w.half())  # float16 runs
+        with pytest.raises(torch_npu_double.ContractError, match="bfloat16 is not supported"):
+            torch_npu_double.npu_rms_norm(x.bfloat16(), w.bfloat16())
+        t = torch.rand(1, 3, 1, 128)
+        with pytest.raises(torch_npu_double.ContractError, match="bfloat16 is not supported"):
+            torch_npu_double.npu_rotary_mul(x.bfloat16(), t.bfloat16(), t.bfloat16())
 
 
 @pytest.mark.parametrize("quant", [(8, 0), (4, 0), (4, 64)])
@@ -294,11 +340,12 @@ def test_inference_series_310p_constraints():
     matmul takes float16 activations with per-channel int8 only; no fused attention."""
     p310 = npu(soc="Ascend310P3")
     rope = step(plan_of(tiny("glm-130b"), BF16, p310), op="rope")
-    assert rope.impl == "torch_npu.npu_rotary_mul" and "no bfloat16" in rope.reason
+    assert rope.kind == REFERENCE and "npu_apply_rotary_pos_emb takes no bfloat16" in rope.reason
+    assert "npu_rotary_mul takes no bfloat16" in rope.reason
     assert step(plan_of(tiny("glm-130b"), FP16, p310), op="rope").impl == "torch_npu.npu_apply_rotary_pos_emb"
     s = p310._kernel_set
     assert s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 0, FP16)) is None
-    assert "float16 activations only" in s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 0, BF16))
+    assert "takes no bfloat16" in s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 0, BF16))
     assert "per-channel scales only" in s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 64, FP16))
     assert "npu_convert_weight_to_int4pack is not documented" in s.supports_weight_quant_matmul(
         _linear_node(64, 512, 4, 0, FP16))

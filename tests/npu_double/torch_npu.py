@@ -14,6 +14,7 @@ Every call is appended to CALLS (op name and arguments) so tests can check how o
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -66,8 +67,18 @@ def _not_modelled(what: str) -> None:
     raise NotImplementedError(f"the torch_npu double does not model {what}")
 
 
+def bf16_supported(device_name: str | None = None) -> bool:
+    """c10_npu::IsBF16Supported(): `GetSocVersion() >= SocVersion::Ascend910B1` (Ascend/pytorch
+    torch_npu/csrc/core/npu/NpuVariables.cpp): the 910B1.. (A2), 310B and 910_93 (A3) SoCs; not the
+    original 910 (Ascend910A/ProA/ProB/PremiumA and the plain "Ascend910B"), not the 310P."""
+    name = npu.device_name if device_name is None else device_name
+    return bool(re.match(r"Ascend910B\d|Ascend910_9\d|Ascend310B", name))
+
+
 def _float_dtype(name: str, t: torch.Tensor, allowed=FLOATS) -> None:
     _need(t.dtype in allowed, f"{name}: dtype {t.dtype} not in {[str(d) for d in allowed]}")
+    _need(t.dtype != torch.bfloat16 or bf16_supported(),
+          f"{name}: bfloat16 is not supported on {npu.device_name} (IsBF16Supported() is false below Ascend910B1)")
 
 
 # ----------------------------------------------------------------------------- npu_rms_norm
@@ -108,8 +119,6 @@ def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, ep
     _need(gamma.dtype == x1.dtype, f"npu_add_rms_norm: gamma dtype {gamma.dtype} must equal x1's {x1.dtype}")
     _need(tuple(gamma.shape) == tuple(x1.shape[x1.dim() - gamma.dim():]),
           f"npu_add_rms_norm: gamma shape {tuple(gamma.shape)} is not the trailing dims of x1 {tuple(x1.shape)}")
-    if npu.device_name.startswith("Ascend310"):
-        _need(x1.dtype != torch.bfloat16, "npu_add_rms_norm: the Atlas inference series takes no bfloat16")
     _need(not npu.device_name.startswith(("Ascend910A", "Ascend910Pro")),
           f"npu_add_rms_norm is not supported on {npu.device_name} (Atlas training series)")
     x = x1 + x2  # in the input dtype
