@@ -483,9 +483,13 @@ class NPUKernels:
         (sparse_mode 0, True = masked: glmrt's `allowed` inverted) and scale = 1/sqrt(d).
 
         Without a cache: layout BSND on this step's q, k, v. With a cache: the step's keys and
-        values are copied into the cache in place (as the reference does), then the op reads the
-        whole contiguous cache buffer (B, nkv, max_len, hd) in layout BNSD, with
-        actual_seq_lengths_kv = cache_pos + T and the mask padded (masked) up to max_len."""
+        values are written by glmrt.ops.update_kv_cache (the one cache write every attention kernel
+        shares: at ctx.cache_pos in eager decode, at the device position ctx.cache_pos_t in static
+        and graph decode), then the op reads the whole contiguous cache buffer (B, nkv, max_len, hd)
+        in layout BNSD. Eager: actual_seq_lengths_kv = cache_pos + T and the mask padded (masked) up
+        to max_len. Static/graph: nothing read from the host -- ctx.allowed already spans max_len
+        (built on the device from the position), so the call is the same at every step and can be
+        captured."""
         a = node.attrs
         q, k, v = inputs  # (B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd)
         B, T, nh, hd = q.shape
@@ -501,20 +505,23 @@ class NPUKernels:
             out, _ = vendor().npu_fused_infer_attention_score(
                 q.contiguous(), k.contiguous(), v.contiguous(), atten_mask=mask, input_layout="BSND", **kwargs)
             return out.reshape(B, T, nh * hd)  # (B, T, nh, hd) -> (B, T, H)
-        layer, pos = a["layer_index"], ctx.cache_pos
-        k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd)
-        k_cache[:, :, pos:pos + T] = k.transpose(1, 2)
-        v_cache[:, :, pos:pos + T] = v.transpose(1, 2)
-        S, max_len = pos + T, k_cache.shape[2]
-        mask_key = ("npu.fia_mask", max_len)
-        mask = ctx.memo.get(mask_key)
-        if mask is None:  # shared by every layer of this step
-            mask = torch.ones(B, 1, T, max_len, dtype=torch.bool, device=q.device)
-            mask[..., :S] = ~ctx.allowed
-            ctx.memo[mask_key] = mask
+        layer = a["layer_index"]
+        ops.update_kv_cache(ctx, layer, k, v)
+        k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd), contiguous
+        max_len = k_cache.shape[2]
+        if ctx.cache_pos_t is not None:  # static shapes: allowed is (B, 1, T, max_len)
+            mask = (~ctx.allowed).contiguous()
+        else:
+            S = ctx.cache_pos + T
+            kwargs["actual_seq_lengths_kv"] = [S] * B
+            mask_key = ("npu.fia_mask", max_len)
+            mask = ctx.memo.get(mask_key)
+            if mask is None:  # shared by every layer of this step
+                mask = torch.ones(B, 1, T, max_len, dtype=torch.bool, device=q.device)
+                mask[..., :S] = ~ctx.allowed
+                ctx.memo[mask_key] = mask
         out, _ = vendor().npu_fused_infer_attention_score(
-            q.transpose(1, 2).contiguous(), k_cache, v_cache, atten_mask=mask, actual_seq_lengths_kv=[S] * B,
-            input_layout="BNSD", **kwargs)
+            q.transpose(1, 2).contiguous(), k_cache, v_cache, atten_mask=mask, input_layout="BNSD", **kwargs)
         return out.transpose(1, 2).reshape(B, T, nh * hd)  # (B, nh, T, hd) -> (B, T, H)
 
     @staticmethod

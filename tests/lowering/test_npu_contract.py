@@ -780,6 +780,55 @@ def test_prefix_mask_through_fused_attention_in_a_whole_model(quant):
     assert double.calls("npu_fused_infer_attention_score")
 
 
+# ----------------------------------------------------------------------------- static and graph decode
+@pytest.mark.parametrize("mode", ["static", "graph"])
+@pytest.mark.parametrize("preset", ["chatglm3-6b", "glm-4-9b-0414"])
+def test_static_and_graph_decode_give_the_eager_tokens(preset, mode, monkeypatch):
+    """decode_mode "static" (the cache position on the device, attention over the whole cache under
+    a device-built mask) and "graph" (that step captured once with torch.npu.graph and replayed,
+    the double's NPUGraph: replay reruns the captured ops on the captured buffers) must give the
+    tokens of eager decode through the same kernels. Reference: the npu plan's own eager decode,
+    itself checked against the reference plan above. A kernel that writes the cache at
+    ctx.cache_pos (0 in static decode) or reads a position on the host fails here."""
+    from glmrt.model import Model
+
+    cfg = tiny(preset)
+    graph = build_graph(cfg, FP16)
+    weights = synthetic_weights(graph)
+    plan = lower(graph, npu(), weights)
+    assert step(plan, op="attention").impl == "torch_npu.npu_fused_infer_attention_score"
+    captured = []
+
+    class RecordingGraph(double.NPUGraph):
+        def __init__(self):
+            super().__init__()
+            captured.append(self)
+
+    if mode == "graph":  # the cpu device stands in for "npu": torch.<device>.NPUGraph / .graph
+        monkeypatch.setattr(torch.cpu, "NPUGraph", RecordingGraph, raising=False)
+        monkeypatch.setattr(torch.cpu, "graph", double.graph, raising=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    model = Model(cfg, graph, plan, weights, "tiny")
+    model.decode_mode = "eager"
+    want = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    eager_calls = len(double.calls("npu_fused_infer_attention_score"))
+    double.reset()
+    model.decode_mode = mode
+    got = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    assert got.shape == want.shape and torch.equal(got, want), f"{mode}:\n{got}\neager:\n{want}"
+    again = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # a second call, same shapes
+    assert torch.equal(again, want)
+    decode = [c.args for c in double.calls("npu_fused_infer_attention_score") if c.args["query"].shape[2] == 1]
+    assert decode and all(c["actual_seq_lengths_kv"] is None for c in decode)  # nothing read on the host
+    assert all(c["atten_mask"].shape[-1] == c["key"].shape[2] for c in decode)  # the whole cache, masked
+    if mode == "graph":
+        assert captured and sum(g.replays for g in captured) >= 5 * 2 - 1  # the decode steps were replays
+        # per layer: prefill + 2 warm-ups + 1 capture per generation; the eager run called it per step
+        assert len(double.calls("npu_fused_infer_attention_score")) < eager_calls
+
+
 # ----------------------------------------------------------------------------- npu_add_rms_norm
 def test_fused_residual_rmsnorm_lowers_to_add_rms_norm():
     plan = plan_of(tiny("chatglm3-6b"), BF16, fuse=True, strict=True)

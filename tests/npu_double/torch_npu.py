@@ -18,6 +18,7 @@ import re
 from typing import NamedTuple
 
 import torch
+import torch.utils._python_dispatch
 
 __version__ = "2.13.0+double"
 
@@ -51,7 +52,74 @@ class _Device:
         return self.device_name
 
 
+# ----------------------------------------------------------------------------- graph capture
+class _CaptureMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run while a graph is captured, as NPUGraph/CUDAGraph capture records
+    kernels: what is replayed is the recorded ops on the recorded tensors. A value read on the host
+    during capture (a Python int from a tensor, a sync) would be frozen into the graph, so it is an
+    error here as it is under torch.npu.graph / torch.cuda.graph."""
+
+    HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero"}
+
+    def __init__(self, ops: list):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name in self.HOST_READS:
+            raise ContractError(f"{func._schema.name} reads a device value on the host during graph capture "
+                                "(the captured graph would replay the value of the capture step)")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _copy_into(recorded, result) -> None:
+    if isinstance(recorded, torch.Tensor):
+        if result is not recorded:
+            recorded.copy_(result)
+    elif isinstance(recorded, (tuple, list)):
+        for r, n in zip(recorded, result):
+            _copy_into(r, n)
+
+
+class NPUGraph:
+    """torch.npu.NPUGraph (torch_npu mirrors torch.cuda.CUDAGraph): capture once, replay() reruns
+    the captured ops on the captured buffers; outputs land in the tensors the capture returned."""
+
+    def __init__(self):
+        self._ops: list | None = None
+        self.replays = 0
+
+    def replay(self) -> None:
+        _need(self._ops is not None, "NPUGraph.replay() before capture")
+        for func, args, kwargs, out in self._ops:
+            _copy_into(out, func(*args, **kwargs))
+        self.replays += 1
+
+
+class graph:
+    """torch.npu.graph(npu_graph, pool=None, stream=None): the capture context."""
+
+    def __init__(self, npu_graph: NPUGraph, pool=None, stream=None):
+        self._graph = npu_graph
+        self._ops: list = []
+        self._mode = _CaptureMode(self._ops)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._graph._ops = self._ops
+        return False
+
+
 npu = _Device()
+npu.NPUGraph = NPUGraph
+npu.graph = graph
 
 
 def calls(op: str) -> list[Call]:
