@@ -121,9 +121,61 @@ def product_dtypes(family: str) -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.float16)
 
 
+# On-chip Unified Buffer of one AI core, bytes: 192 KiB on the Atlas A2/A3 (hicann/catlass
+# include/acot/arch/arch.hpp, AtlasA2::UB_SIZE). The 310P's is not stated in the sources read; the
+# A2's (the smaller figure seen) is assumed, so a call that fits here fits there.
+UB_BYTES = {A2: 192 * 1024, A3: 192 * 1024, INFERENCE: 192 * 1024}
+
+
+def apply_rotary_pos_emb_ub_bytes(q_heads: int, k_heads: int, d: int, dtype: torch.dtype) -> int:
+    """The UB npu_apply_rotary_pos_emb needs, from its documented formula (CANN op proto nn_other.h,
+    REG_OP(ApplyRotaryPosEmb): "ub_required = (q_n + k_n) * d * cast_size * 5 + d * dtype_size * 4 +
+    cast * d * 8"; ops-transformer posembedding/apply_rotary_pos_emb/docs/aclnnApplyRotaryPosEmb.md
+    gives the same with d = 128): bfloat16 is computed in fp32 (cast 1, cast_size 4, dtype_size 2),
+    float16/float32 in their own dtype (cast 0, cast_size = dtype_size). The op is unusable when it
+    exceeds the core's UB."""
+    dtype_size = torch.finfo(dtype).bits // 8
+    cast = 1 if dtype == torch.bfloat16 else 0
+    cast_size = 4 if cast else dtype_size
+    return (q_heads + k_heads) * d * cast_size * 5 + d * dtype_size * 4 + cast * d * 8
+
+
 # npu_rotary_mul's general kernel (jit_compile=False: any even D < 896, 'interleave' mode) exists on
 # A2/A3 only; elsewhere it is 'half' mode with D = 128 and 11SD/1S1D/S11D tables.
 ROTARY_MUL_GENERAL = {A2, A3}
+# op-plugin's npu_rotary_mul (op_plugin/ops/opapi/RotaryMulKernelNpuOpApi.cpp) runs
+# aclnnRotaryPositionEmbedding (both modes) only when the CANN has that op (DO_COMPATIBILITY), the
+# SoC is at least Ascend910B1 and jit_compile is False (else op-plugin dispatches to the aclop
+# kernel); the aclop kernel (op_plugin/ops/aclops/RotaryMulKernelNpu.cpp) refuses any rotary_mode
+# but 'half'. The CANN's op list cannot be read from Python, so that condition is only stated.
+ROTARY_MUL_INTERLEAVE_PATH = ("'interleave' exists only on the aclnn path (aclnnRotaryPositionEmbedding: Atlas A2/A3, "
+                              "jit_compile=False, a CANN that has the op); the aclop kernel takes rotary_mode='half' only")
+
+
+def jit_compile_enabled() -> bool | None:
+    """True/False from the loaded torch_npu (torch_npu.npu.is_jit_compile_false(), npu_config.py),
+    None when it cannot be asked (no torch_npu loaded, or a release without the function)."""
+    module = loaded_vendor()
+    ask = getattr(getattr(module, "npu", None), "is_jit_compile_false", None) if module is not None else None
+    if ask is None:
+        return None
+    try:
+        return not bool(ask())
+    except Exception:  # noqa: BLE001 - cannot tell
+        return None
+
+
+def _mode_kwargs(op_name: str, mode: str) -> dict:
+    """rotary_mode=... only where the installed op has the keyword (npu_rotary_mul from op-plugin
+    7.0.0, npu_apply_rotary_pos_emb from 7.2.0; read from its signature or registered schema).
+    'half' is every release's default, so it is left out where the names cannot be read; the
+    predicates refuse 'interleave' where the keyword is known to be missing."""
+    keywords = op_keywords(op_name)
+    if keywords is _MISSING or (keywords is None and mode == "half"):
+        return {}
+    if keywords is None or "rotary_mode" in keywords:
+        return {"rotary_mode": mode}
+    return {}
 
 
 def product_family(soc: str) -> str:
@@ -355,7 +407,18 @@ class NPUKernels:
         dtype = node.input_specs[0].dtype
         if dtype not in FLOAT_DTYPES:
             return f"npu_apply_rotary_pos_emb takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
-        return self._product_refusal("npu_apply_rotary_pos_emb", dtype=dtype)
+        refusal = self._product_refusal("npu_apply_rotary_pos_emb", dtype=dtype)
+        if refusal:
+            return refusal
+        # One call rotates q (num_heads) and k (num_kv_heads) of width `width` (2-D RoPE: the two
+        # halves stacked on the batch axis, so the head counts stay those of the node).
+        need = apply_rotary_pos_emb_ub_bytes(a["num_heads"], a["num_kv_heads"], width, dtype)
+        ub = UB_BYTES[self.product.family]
+        if need > ub:
+            return (f"npu_apply_rotary_pos_emb needs {need} bytes of UB for {a['num_heads']}+{a['num_kv_heads']} "
+                    f"heads of {width} dims in {_dtype_name(dtype)} (the documented ub_required formula), more than "
+                    f"the {ub} bytes of an AI core on {self.product.describe()}")
+        return None
 
     def rope_apply_rotary_pos_emb(self, ctx, node, inputs, params):
         """One fused in-place call for q and k, layout BSND; q/k are fresh contiguous copies.
@@ -371,11 +434,13 @@ class NPUKernels:
             k2 = torch.cat((k[..., :half], k[..., half:]), dim=0)
             cos = torch.cat((c1, c2), dim=0)[:, :, None, :].contiguous()  # (2B, T, 1, half)
             sin = torch.cat((s1, s2), dim=0)[:, :, None, :].contiguous()
-            q2, k2 = vendor().npu_apply_rotary_pos_emb(q2, k2, cos, sin, layout="BSND", rotary_mode="half")
+            q2, k2 = vendor().npu_apply_rotary_pos_emb(q2, k2, cos, sin, layout="BSND",
+                                                       **_mode_kwargs("npu_apply_rotary_pos_emb", "half"))
             return torch.cat((q2[:B], q2[B:]), dim=-1), torch.cat((k2[:B], k2[B:]), dim=-1), v
         cos, sin = rope_tables(ctx, a, q.dtype, "half")  # (B, T, hd)
         q, k = vendor().npu_apply_rotary_pos_emb(q.contiguous(), k.contiguous(), cos[:, :, None, :].contiguous(),
-                                                 sin[:, :, None, :].contiguous(), layout="BSND", rotary_mode="half")
+                                                 sin[:, :, None, :].contiguous(), layout="BSND",
+                                                 **_mode_kwargs("npu_apply_rotary_pos_emb", "half"))
         return q, k, v
 
     # ------------------------------------------------------------------ rope: npu_rotary_mul
@@ -393,14 +458,18 @@ class NPUKernels:
             return refusal
         if self.product.family not in ROTARY_MUL_GENERAL:
             if mode == "interleave":
-                return (f"npu_rotary_mul's 'interleave' mode runs on {A2} and {A3} only, not on "
-                        f"{self.product.describe()}")
+                return (f"npu_rotary_mul's 'interleave' mode is not on {self.product.describe()}: "
+                        f"{ROTARY_MUL_INTERLEAVE_PATH}")
             if width != 128:
                 return f"npu_rotary_mul on {self.product.describe()} needs D = 128, this node rotates {width} dims"
         if mode == "interleave":
             keywords = op_keywords("npu_rotary_mul")
             if keywords is not None and "rotary_mode" not in keywords:
-                return "this torch_npu's npu_rotary_mul has no rotary_mode argument (half-split pairing only)"
+                return ("this torch_npu's npu_rotary_mul has no rotary_mode argument (op-plugin 7.0.0 added it; "
+                        "half-split pairing only)")
+            if jit_compile_enabled() is True:
+                return ("npu_rotary_mul's 'interleave' mode is not taken with jit_compile=True "
+                        f"(torch.npu.set_compile_mode): {ROTARY_MUL_INTERLEAVE_PATH}")
         if width % 2 or width >= 896:
             return f"npu_rotary_mul needs an even rotated width below 896, this node rotates {width}"
         # The batch is folded into S (tables 1S1D), so B*N < 1000 reads N < 1000.
@@ -426,14 +495,14 @@ class NPUKernels:
             x = torch.stack((qk[..., :half], qk[..., half:])).reshape(1, 2 * B * T, heads, half)
             cos = torch.stack((c1, c2)).reshape(1, 2 * B * T, 1, half)
             sin = torch.stack((s1, s2)).reshape(1, 2 * B * T, 1, half)
-            out = op(x, cos, sin, rotary_mode="half").view(2, B, T, heads, half)
+            out = op(x, cos, sin, **_mode_kwargs("npu_rotary_mul", "half")).view(2, B, T, heads, half)
             rotated = torch.cat((out[0], out[1]), dim=-1)  # (B, T, nh+nkv, hd)
         else:
             rd = a["rotary_dim"]
             mode = "interleave" if a["kind"] == "interleaved" else "half"
             cos, sin = rope_tables(ctx, a, qkv.dtype, mode)  # (B, T, rd)
             x = qk[..., :rd].reshape(1, B * T, heads, rd)  # the rotary slice, contiguous copy
-            out = op(x, cos.reshape(1, B * T, 1, rd), sin.reshape(1, B * T, 1, rd), rotary_mode=mode)
+            out = op(x, cos.reshape(1, B * T, 1, rd), sin.reshape(1, B * T, 1, rd), **_mode_kwargs("npu_rotary_mul", mode))
             out = out.view(B, T, heads, rd)
             rotated = torch.cat((out, qk[..., rd:]), dim=-1) if rd < hd else out
         return rotated[:, :, :nh], rotated[:, :, nh:], v

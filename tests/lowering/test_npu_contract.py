@@ -184,9 +184,9 @@ def test_partial_interleaved_rope_never_takes_a_full_head_op():
     assert "npu_apply_rotary_pos_emb" in rope.reason and "interleaved" in rope.reason
     assert "64 of 128" in rope.reason
     # Where 'interleave' mode does not exist (the original 910), it falls back; no full-head op.
-    rope = step(plan_of(tiny("chatglm3-6b"), BF16, npu(soc="Ascend910A")), op="rope")
+    rope = step(plan_of(tiny("chatglm3-6b"), FP16, npu(soc="Ascend910A")), op="rope")
     assert rope.kind == REFERENCE
-    assert "interleaved" in rope.reason and "'interleave' mode runs on" in rope.reason
+    assert "interleaved" in rope.reason and "'interleave' exists only on the aclnn path" in rope.reason
 
 
 def test_fp32_attention_falls_back_with_reason_and_strict_refuses():
@@ -328,11 +328,75 @@ def test_older_torch_npu_signatures_are_honoured(monkeypatch):
     assert rope.kind == REFERENCE and "no rotary_mode" in rope.reason
     assert npu()._kernel_set._fia_scale_keyword() == "scale_value"
     _check_attention(BF16, cache=False, B=1, T=4, nh=4, nkv=2)  # runs through the legacy keyword
+    # 'half' mode runs without passing rotary_mode (npu_rotary_mul before 7.0.0,
+    # npu_apply_rotary_pos_emb before 7.2.0 have no such argument: passing it is a TypeError).
+    legacy.npu_apply_rotary_pos_emb = lambda query, key, cos, sin, layout="BSND": \
+        double.npu_apply_rotary_pos_emb(query, key, cos, sin, layout=layout)
+    for preset, kernel_name in (("glm-130b", "torch_npu.npu_rotary_mul"), ("chatglm-6b", "torch_npu.npu_rotary_mul"),
+                                ("glm-130b", "torch_npu.npu_apply_rotary_pos_emb"),
+                                ("chatglm-6b", "torch_npu.npu_apply_rotary_pos_emb")):
+        cfg = tiny(preset)
+        node = node_of(cfg, "rope", FP16)
+        kernel = next(k for k in npu().kernels() if k.name == kernel_name)
+        assert kernel.supports(node) is None
+        qkv = torch.randn(2, 3, cfg.qkv_size).to(FP16)
+        ctx = _ctx(2, 3, two_d=cfg.rope_kind == "2d")
+        for o, r in zip(kernel.fn(ctx, node, [qkv], {}), ops.rope(_ctx(2, 3, positions=ctx.positions), node, [qkv], {})):
+            assert rel_err(o, r) <= _tolerance(FP16)
     assert double.calls("npu_fused_infer_attention_score")[-1].args["scale"] == pytest.approx(1 / math.sqrt(128))
     # Back on the current signatures, the cached argument names follow the module that is loaded.
     monkeypatch.setitem(sys.modules, "torch_npu", double)
     assert step(plan_of(tiny("chatglm3-6b"), BF16), op="rope").impl == "torch_npu.npu_rotary_mul"
     assert npu()._kernel_set._fia_scale_keyword() == "scale"
+
+
+def test_apply_rotary_pos_emb_ub_formula_decides_and_the_double_enforces_it():
+    """npu_apply_rotary_pos_emb is unusable when its documented ub_required exceeds the AI core's
+    UB (192 KiB on A2/A3): 96 + 96 heads at D = 64 need 246784 bytes in bf16 and fp32, at D = 128
+    twice that. Those nodes fall back (npu_rotary_mul takes them) and say why; the released
+    ChatGLM-6B widths (32 + 32 heads at 64) fit."""
+    assert npu_kernels.apply_rotary_pos_emb_ub_bytes(96, 96, 64, BF16) == 246784
+    assert npu_kernels.apply_rotary_pos_emb_ub_bytes(96, 96, 64, FP32) == 246784
+    assert npu_kernels.apply_rotary_pos_emb_ub_bytes(96, 96, 64, FP16) == 123392
+    _, full_130b = config_from_dict(dict(PRESETS["glm-130b"]))
+    _, full_6b = config_from_dict(dict(PRESETS["chatglm-6b"]))
+    wide_2d = tiny("chatglm-6b", num_heads=96, num_kv_heads=96, hidden_size=96 * 128)
+    for cfg, dtype, fits in ((full_130b.replace(num_layers=1), FP16, False), (wide_2d, BF16, False),
+                             (wide_2d, FP32, False), (wide_2d, FP16, True), (full_6b.replace(num_layers=1), FP16, True)):
+        rope = step(plan_of(cfg, dtype), op="rope")
+        if fits:
+            assert rope.impl == "torch_npu.npu_apply_rotary_pos_emb", rope.reason
+        else:
+            assert rope.impl == "torch_npu.npu_rotary_mul"
+            assert "bytes of UB" in rope.reason and "196608" in rope.reason, rope.reason
+    q = torch.randn(1, 2, 96, 64)
+    ones = torch.ones(1, 2, 1, 64)
+    with pytest.raises(double.ContractError, match="ub_required 246784 exceeds"):
+        double.npu_apply_rotary_pos_emb(q, q.clone(), ones, ones, layout="BSND")
+    double.npu_apply_rotary_pos_emb(q.half(), q.half(), ones.half(), ones.half(), layout="BSND")  # fits
+
+
+def test_rotary_mul_interleave_only_on_the_aclnn_path(torch_npu_double):
+    """'interleave' runs only through aclnnRotaryPositionEmbedding (A2/A3, jit_compile=False, a CANN
+    with the op); the aclop kernel takes 'half' only. The predicate reads jit_compile from
+    torch_npu and states what it cannot check; the double refuses as the aclop path does."""
+    cfg = tiny("chatglm3-6b")
+    torch_npu_double.npu.jit_compile = True
+    try:
+        rope = step(plan_of(cfg, BF16), op="rope")
+        assert rope.kind == REFERENCE and "jit_compile=True" in rope.reason
+        assert "a CANN that has the op" in rope.reason
+        x, t = torch.randn(1, 3, 2, 64), torch.rand(1, 3, 1, 64)
+        with pytest.raises(torch_npu_double.ContractError, match="only support rotary_mode with half"):
+            torch_npu_double.npu_rotary_mul(x, t, t, rotary_mode="interleave")
+        torch_npu_double.npu_rotary_mul(x, t, t, rotary_mode="half")
+    finally:
+        torch_npu_double.npu.jit_compile = False
+    assert step(plan_of(cfg, BF16), op="rope").impl == "torch_npu.npu_rotary_mul"
+    torch_npu_double.npu.device_name = "Ascend310P3"
+    with pytest.raises(torch_npu_double.ContractError, match="only support rotary_mode with half"):
+        torch_npu_double.npu_rotary_mul(torch.randn(1, 3, 2, 64), torch.rand(1, 3, 1, 64), torch.rand(1, 3, 1, 64),
+                                        rotary_mode="interleave")
 
 
 def test_inference_series_310p_constraints():

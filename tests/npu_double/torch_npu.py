@@ -23,6 +23,7 @@ import torch.utils._python_dispatch
 __version__ = "2.13.0+double"
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+UB_BYTES = 192 * 1024  # one AI core's Unified Buffer on the Atlas A2/A3
 HALVES = (torch.float16, torch.bfloat16)
 
 
@@ -47,9 +48,14 @@ class _Device:
     ``torch_npu.npu.get_device_name()`` gives it. Tests set ``device_name``."""
 
     device_name = "Ascend910B3"
+    jit_compile = False  # torch.npu.set_compile_mode(jit_compile=...); False is torch_npu's default
 
     def get_device_name(self, device=None) -> str:
         return self.device_name
+
+    def is_jit_compile_false(self) -> bool:
+        """torch_npu.npu.is_jit_compile_false() (torch_npu/npu/npu_config.py)."""
+        return not self.jit_compile
 
 
 # ----------------------------------------------------------------------------- graph capture
@@ -229,6 +235,13 @@ def npu_rotary_mul(self: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotar
     if rotate is not None:
         _not_modelled("npu_rotary_mul's rotate argument")
     _need(rotary_mode in _ROTARY_MUL_TABLES, f"npu_rotary_mul: rotary_mode {rotary_mode!r} is not 'half' or 'interleave'")
+    # op-plugin runs aclnnRotaryPositionEmbedding only from Ascend910B1 on with jit_compile=False;
+    # elsewhere the aclop kernel, which refuses anything but 'half' (RotaryMulKernelNpuOpApi.cpp,
+    # aclops/RotaryMulKernelNpu.cpp). (A CANN without the aclnn op: not modelled.)
+    if rotary_mode != "half":
+        _need(bf16_supported() and not npu.jit_compile,
+              f"npu_rotary_mul in aclop only support rotary_mode with half, but got {rotary_mode} "
+              f"({npu.device_name}, jit_compile={npu.jit_compile})")
     _need(x.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, "npu_rotary_mul: x, r1 and r2 must be 4-D")
     _float_dtype("npu_rotary_mul x", x)
     _need(r1.dtype == x.dtype and r2.dtype == x.dtype, f"npu_rotary_mul: r1/r2 dtype must equal x's {x.dtype}")
@@ -281,6 +294,13 @@ def npu_apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.
           f"npu_apply_rotary_pos_emb: key {tuple(key.shape)} must share b, s, d with query {tuple(query.shape)}")
     _need(tuple(cos.shape) == (b, s, 1, d) and tuple(sin.shape) == (b, s, 1, d),
           f"npu_apply_rotary_pos_emb: cos/sin must be {(b, s, 1, d)}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    # "ub_required = (q_n + k_n) * d * cast_size * 5 + d * dtype_size * 4 + cast * d * 8" must fit
+    # the AI core's UB (CANN op proto nn_other.h, REG_OP(ApplyRotaryPosEmb)); 192 KiB on A2/A3,
+    # taken for every product here (double's choice where the figure is not documented).
+    dtype_size = torch.finfo(query.dtype).bits // 8
+    cast = 1 if query.dtype == torch.bfloat16 else 0
+    ub_required = (query.shape[2] + key.shape[2]) * d * (4 if cast else dtype_size) * 5 + d * dtype_size * 4 + cast * d * 8
+    _need(ub_required <= UB_BYTES, f"npu_apply_rotary_pos_emb: ub_required {ub_required} exceeds the UB ({UB_BYTES} bytes)")
     c, sn = cos.float(), sin.float()
     q_out = query.float() * c + _rotate_half(query.float()) * sn
     k_out = key.float() * c + _rotate_half(key.float()) * sn
