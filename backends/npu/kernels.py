@@ -314,6 +314,18 @@ def bias_for(x_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor | 
     return bias.to(torch.float32 if x_dtype == torch.bfloat16 else x_dtype).contiguous()
 
 
+# The one-line hardware check of npu_fused_infer_attention_score's mask polarity (unverified here):
+# one query over two keys with equal scores, values 0 and 1, the first key masked by True. Prints
+# [1.0, 1.0] (decode branch Q_S = 1, prompt branch Q_S = 2) if True masks, as glmrt assumes;
+# [0.0, 0.0] if True keeps; 0.5 where the mask was ignored.
+FIA_MASK_POLARITY_CHECK = (
+    "python -c \"import torch, torch_npu; d='npu'; f=torch.float16; "
+    "k=torch.zeros(1,1,2,128,dtype=f,device=d); v=torch.stack((torch.zeros(128),torch.ones(128))).to(f).to(d)[None,None]; "
+    "print([torch_npu.npu_fused_infer_attention_score(torch.ones(1,1,s,128,dtype=f,device=d),k,v,"
+    "atten_mask=torch.tensor([True,False],device=d).repeat(1,1,s,1),num_heads=1,input_layout='BNSD',scale=1.0)[0]"
+    ".float().mean().item() for s in (1,2)], '1.0: True masks (what glmrt passes); 0.0: True keeps')\"")
+
+
 # ----------------------------------------------------------------------------- the kernel set
 class NPUKernels:
     """The npu backend's kernels. Predicates read the node and the product; kernel functions call
@@ -680,4 +692,4 @@ class NPUKernels:
 
 
 __all__ = ["vendor", "loaded_vendor", "NPUKernels", "Product", "detect_product", "int4_values_kn", "antiquant_scale",
-           "bias_for", "product_family", "product_dtypes", "OP_PRODUCTS", "BF16_PRODUCTS"]
+           "bias_for", "product_family", "FIA_MASK_POLARITY_CHECK", "product_dtypes", "OP_PRODUCTS", "BF16_PRODUCTS"]

@@ -129,6 +129,19 @@ def test_registry_and_honest_description():
     assert npu().device() == CPU
 
 
+def test_fused_attention_mask_polarity_is_marked_unverified_with_its_check(capsys):
+    """True = masked is documented for npu_incre_flash_attention / npu_fusion_attention, not for
+    npu_fused_infer_attention_score: the verification text says so and gives the check to run on
+    the device. The check itself runs here against the double (which implements True = masked)."""
+    detail = NPUBackend().verification().detail
+    assert "UNVERIFIED: the attention mask polarity of npu_fused_infer_attention_score" in detail
+    check = npu_kernels.FIA_MASK_POLARITY_CHECK
+    assert check in detail and check.startswith('python -c "') and "\n" not in check
+    code = check[len('python -c "'):-1].replace("d='npu'", "d='cpu'")
+    exec(compile(code, "<polarity check>", "exec"), {})  # imports torch_npu: the double, here
+    assert capsys.readouterr().out.startswith("[1.0, 1.0] 1.0: True masks")
+
+
 def test_glmrt_info_is_honest_while_the_double_stands_in(capsys):
     assert cli.main(["info", "--backend", "npu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
