@@ -288,6 +288,9 @@ def test_glmrt_check_passes_for_sunway():
             assert kernels[name]["status"] == "pass" and kernels[name]["cases"] > 0
     model = {row["kernel"]: row for row in result["model"]}
     assert model["logits"]["status"] == "pass" and model["greedy 8 tokens"]["status"] == "pass"
+    greedy = model["greedy 8 tokens"]  # every token the argmax except at counted near-ties
+    assert greedy["cases"] == 16 and greedy["argmax"] + greedy["near_tie_flips"] == 16
+    assert greedy["near_tie_flips"] <= greedy["near_ties"] and "near-ties" in greedy["detail"]
     assert not [row for row in result["kernels"] if row["status"] == "fallback"]
 
 
