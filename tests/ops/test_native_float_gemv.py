@@ -16,8 +16,8 @@ from glmrt import _native, ops
 from glmrt.graph import Node, ValueSpec
 
 native, why = _native.load("_native_cpu")
-pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "linear_float"),
-                                reason=f"native CPU module with linear_float not built: {why}")
+pytestmark = pytest.mark.glmrt_native(available=native is not None and hasattr(native, "linear_float"),
+                                      reason=f"native CPU module with linear_float not built: {why}")
 
 HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff
 

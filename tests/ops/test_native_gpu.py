@@ -1091,7 +1091,10 @@ def emulated(request, emulated_modules):
     module = emulated_modules[request.param]
     if isinstance(module, AssertionError):
         raise module
-    if isinstance(module, str):
+    if isinstance(module, str):  # under GLMRT_REQUIRE_NATIVE=1 only an explicit opt-out skips
+        if os.environ.get("GLMRT_REQUIRE_NATIVE") == "1" and module != "GLMRT_SKIP_GPU_EMULATION=1":
+            pytest.fail(f"GLMRT_REQUIRE_NATIVE=1 but the GPU kernels could not be built for emulation: {module}",
+                        pytrace=False)
         pytest.skip(module)
     assert module.warp_size(0) == request.param
     return module

@@ -24,8 +24,8 @@ if native is None or not hasattr(native, "linear_int4"):
     except ImportError:
         pass
 
-pytestmark = pytest.mark.skipif(
-    native is None or not hasattr(native, "linear_int4"),
+pytestmark = pytest.mark.glmrt_native(
+    available=native is not None and hasattr(native, "linear_int4"),
     reason="native CPU module with linear_int8/linear_int4 is not built (neither glmrt._native_cpu nor _native_cpu "
     "is importable)",
 )

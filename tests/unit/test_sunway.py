@@ -31,7 +31,8 @@ from glmrt.lowering import lower
 from glmrt.quant import pack_int4, quantize_graph, quantize_weight
 
 native, why_not_built = _native.load("_native_sunway")
-needs_native = pytest.mark.skipif(native is None, reason=f"glmrt._native_sunway not built: {why_not_built}")
+needs_native = pytest.mark.glmrt_native(available=native is not None,
+                                        reason=f"glmrt._native_sunway not built: {why_not_built}")
 
 LDM = 256 * 1024
 
