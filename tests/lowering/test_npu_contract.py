@@ -895,15 +895,16 @@ def test_static_and_graph_decode_give_the_eager_tokens(preset, mode, monkeypatch
     model.decode_mode = mode
     got = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
     assert got.shape == want.shape and torch.equal(got, want), f"{mode}:\n{got}\neager:\n{want}"
-    again = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # a second call, same shapes
-    assert torch.equal(again, want)
-    decode = [c.args for c in double.calls("npu_fused_infer_attention_score") if c.args["query"].shape[2] == 1]
+    calls = [c.args for c in double.calls("npu_fused_infer_attention_score")]
+    decode = [c for c in calls if c["query"].shape[2] == 1]
     assert decode and all(c["actual_seq_lengths_kv"] is None for c in decode)  # nothing read on the host
     assert all(c["atten_mask"].shape[-1] == c["key"].shape[2] for c in decode)  # the whole cache, masked
     if mode == "graph":
-        assert captured and sum(g.replays for g in captured) >= 5 * 2 - 1  # the decode steps were replays
-        # per layer: prefill + 2 warm-ups + 1 capture per generation; the eager run called it per step
-        assert len(double.calls("npu_fused_infer_attention_score")) < eager_calls
+        assert captured and sum(g.replays for g in captured) >= 5  # the 5 decode steps were replays
+        # per layer at most: prefill + 2 warm-ups + 1 capture; the eager run called it at every step
+        assert len(calls) < eager_calls
+    again = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # a second call, same shapes
+    assert torch.equal(again, want)
 
 
 # ----------------------------------------------------------------------------- npu_add_rms_norm
