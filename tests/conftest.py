@@ -27,6 +27,37 @@ if _glmrt_outside_the_checkout():
     os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
+# Tests that need a native module, or a kernel inside one, carry
+#     @pytest.mark.glmrt_native(available=<bool>, reason="...")   (or as a module's pytestmark)
+# They are skipped when it is missing -- except under GLMRT_REQUIRE_NATIVE=1 (CI, .ci/run), where a
+# missing module or kernel fails them: a build that silently lost a kernel must not pass as skips.
+REQUIRE_NATIVE_ENV = "GLMRT_REQUIRE_NATIVE"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "glmrt_native(available, reason): needs a native module or kernel; "
+                                       f"skipped without it, failed without it under {REQUIRE_NATIVE_ENV}=1")
+
+
+def native_requirement(markers, environ=os.environ):
+    """(action, message) for a test's glmrt_native markers: ("run", ""), ("skip", why) or ("fail", why)."""
+    for mark in markers:
+        if not mark.kwargs.get("available", mark.args[0] if mark.args else False):
+            why = mark.kwargs.get("reason", "a native module or kernel is missing")
+            if environ.get(REQUIRE_NATIVE_ENV) == "1":
+                return "fail", f"{REQUIRE_NATIVE_ENV}=1 but {why}"
+            return "skip", why
+    return "run", ""
+
+
+def pytest_runtest_setup(item):
+    action, why = native_requirement(item.iter_markers("glmrt_native"))
+    if action == "fail":
+        pytest.fail(why, pytrace=False)
+    if action == "skip":
+        pytest.skip(why)
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)

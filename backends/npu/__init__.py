@@ -47,11 +47,16 @@ class NPUBackend(Backend):
             "against the reference op, and whole tiny models (prefill and KV-cache decode, causal and prefix masks, "
             "fp32/bf16/fp16, INT8/INT4 per-channel and group-wise) against the CPU plan. tests/unit/test_npu_probe.py "
             "checks that a torch_npu without CANN breaks neither `import glmrt` nor `glmrt info` (also tried with the "
-            "real torch-npu 2.13.0 wheel on x86-64 without CANN). Numerics of the real kernels, the int4 pack's bit "
-            "order, performance and NPUGraph capture are unverified")
+            "real torch-npu 2.13.0 wheel on x86-64 without CANN). Static and graph decode run against the double's "
+            "NPUGraph (replay of the captured ops). Numerics of the real kernels, the int4 pack's bit order, "
+            "performance and real NPUGraph capture are unverified. UNVERIFIED: the attention mask polarity of "
+            "npu_fused_infer_attention_score (glmrt passes True = masked, as documented for npu_incre_flash_attention "
+            "and npu_fusion_attention; this op's own documentation does not state it and its example contradicts "
+            f"it); check on the device with: {kernels.FIA_MASK_POLARITY_CHECK}")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=("int8", "int4"),
+        # bfloat16 on the Atlas A2/A3 only (kernels.BF16_PRODUCTS: torch_npu's IsBF16Supported()).
+        return Capabilities(dtypes=kernels.product_dtypes(self.product().family), quant_formats=("int8", "int4"),
                             graph_capture=True,  # torch.npu.NPUGraph / torch.npu.graph
                             collective_backend="hccl", memory_query=True)
 

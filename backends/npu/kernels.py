@@ -106,9 +106,76 @@ OP_PRODUCTS = {
     "npu_weight_quant_batchmatmul": {A2, A3, INFERENCE},  # the 310P: fp16 x, int8 per-channel only
     "npu_convert_weight_to_int4pack": {A2, A3},
 }
+# bfloat16 exists from the Atlas A2 on: torch_npu's c10_npu::IsBF16Supported() is
+# `GetSocVersion() >= SocVersion::Ascend910B1` (Ascend/pytorch torch_npu/csrc/core/npu/NpuVariables.cpp),
+# false for the original 910 (Ascend910A/ProA/ProB/PremiumA, the plain "Ascend910B" = 104) and the
+# 310P (200..); the ops' own tables say the same (aclnnRmsNorm, aclnnApplyRotaryPosEmb: "Atlas
+# inference series: FLOAT32, FLOAT16"). Products newer than A3 are not assumed to have it here.
+BF16_PRODUCTS = {A2, A3}
+
+
+def product_dtypes(family: str) -> tuple[torch.dtype, ...]:
+    """The activation dtypes a product runs (capabilities() and every kernel predicate)."""
+    if family in BF16_PRODUCTS:
+        return (torch.float32, torch.bfloat16, torch.float16)
+    return (torch.float32, torch.float16)
+
+
+# On-chip Unified Buffer of one AI core, bytes: 192 KiB on the Atlas A2/A3 (hicann/catlass
+# include/acot/arch/arch.hpp, AtlasA2::UB_SIZE). The 310P's is not stated in the sources read; the
+# A2's (the smaller figure seen) is assumed, so a call that fits here fits there.
+UB_BYTES = {A2: 192 * 1024, A3: 192 * 1024, INFERENCE: 192 * 1024}
+
+
+def apply_rotary_pos_emb_ub_bytes(q_heads: int, k_heads: int, d: int, dtype: torch.dtype) -> int:
+    """The UB npu_apply_rotary_pos_emb needs, from its documented formula (CANN op proto nn_other.h,
+    REG_OP(ApplyRotaryPosEmb): "ub_required = (q_n + k_n) * d * cast_size * 5 + d * dtype_size * 4 +
+    cast * d * 8"; ops-transformer posembedding/apply_rotary_pos_emb/docs/aclnnApplyRotaryPosEmb.md
+    gives the same with d = 128): bfloat16 is computed in fp32 (cast 1, cast_size 4, dtype_size 2),
+    float16/float32 in their own dtype (cast 0, cast_size = dtype_size). The op is unusable when it
+    exceeds the core's UB."""
+    dtype_size = torch.finfo(dtype).bits // 8
+    cast = 1 if dtype == torch.bfloat16 else 0
+    cast_size = 4 if cast else dtype_size
+    return (q_heads + k_heads) * d * cast_size * 5 + d * dtype_size * 4 + cast * d * 8
+
+
 # npu_rotary_mul's general kernel (jit_compile=False: any even D < 896, 'interleave' mode) exists on
 # A2/A3 only; elsewhere it is 'half' mode with D = 128 and 11SD/1S1D/S11D tables.
 ROTARY_MUL_GENERAL = {A2, A3}
+# op-plugin's npu_rotary_mul (op_plugin/ops/opapi/RotaryMulKernelNpuOpApi.cpp) runs
+# aclnnRotaryPositionEmbedding (both modes) only when the CANN has that op (DO_COMPATIBILITY), the
+# SoC is at least Ascend910B1 and jit_compile is False (else op-plugin dispatches to the aclop
+# kernel); the aclop kernel (op_plugin/ops/aclops/RotaryMulKernelNpu.cpp) refuses any rotary_mode
+# but 'half'. The CANN's op list cannot be read from Python, so that condition is only stated.
+ROTARY_MUL_INTERLEAVE_PATH = ("'interleave' exists only on the aclnn path (aclnnRotaryPositionEmbedding: Atlas A2/A3, "
+                              "jit_compile=False, a CANN that has the op); the aclop kernel takes rotary_mode='half' only")
+
+
+def jit_compile_enabled() -> bool | None:
+    """True/False from the loaded torch_npu (torch_npu.npu.is_jit_compile_false(), npu_config.py),
+    None when it cannot be asked (no torch_npu loaded, or a release without the function)."""
+    module = loaded_vendor()
+    ask = getattr(getattr(module, "npu", None), "is_jit_compile_false", None) if module is not None else None
+    if ask is None:
+        return None
+    try:
+        return not bool(ask())
+    except Exception:  # noqa: BLE001 - cannot tell
+        return None
+
+
+def _mode_kwargs(op_name: str, mode: str) -> dict:
+    """rotary_mode=... only where the installed op has the keyword (npu_rotary_mul from op-plugin
+    7.0.0, npu_apply_rotary_pos_emb from 7.2.0; read from its signature or registered schema).
+    'half' is every release's default, so it is left out where the names cannot be read; the
+    predicates refuse 'interleave' where the keyword is known to be missing."""
+    keywords = op_keywords(op_name)
+    if keywords is _MISSING or (keywords is None and mode == "half"):
+        return {}
+    if keywords is None or "rotary_mode" in keywords:
+        return {"rotary_mode": mode}
+    return {}
 
 
 def product_family(soc: str) -> str:
@@ -223,12 +290,21 @@ def int4_values_kn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return unpack_int4(packed, in_features).t().to(torch.int32).contiguous()  # (K, N)
 
 
-def antiquant_scale(scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def antiquant_scale(scale: torch.Tensor, group_size: int, dtype: torch.dtype, weight_transposed: bool) -> torch.Tensor:
     """glmrt's scale (N,) or (N, G) -> the op's (N,) per-channel or (G, N) per-group layout, in the
-    activation dtype (the op requires the scale's dtype to equal x's). A transposed view: the op
-    takes non-contiguous (transposed) scales."""
-    s = scale if group_size == 0 else scale.t()
-    return s.to(dtype)
+    activation dtype (the op requires the scale's dtype to equal x's).
+
+    The layout of a per-group scale must follow the weight's (aclnnWeightQuantBatchMatmulV2's
+    ContiguousCheck / CheckContiguous, hicann/ops-nn
+    matmul/weight_quant_batch_matmul_v2/op_host/op_api/aclnn_weight_quant_batch_matmul_v2.cpp):
+    with a contiguous (K, N) weight (the INT4 int32 pack) the scale must be a contiguous (G, N),
+    else ACLNN_ERR_PARAM_INVALID; with a transposed weight (INT8, glmrt's (N, K) viewed as (K, N))
+    the op reads the scale's storage as a contiguous (N, G) (CreateTransposedView), so it must be
+    the transposed view of one -- a contiguous (G, N) there is silently misread."""
+    if group_size == 0:
+        return scale.to(dtype)
+    s = scale.to(dtype).contiguous()  # (N, G)
+    return s.t() if weight_transposed else s.t().contiguous()  # (G, N): a view, or its own storage
 
 
 def bias_for(x_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -236,6 +312,18 @@ def bias_for(x_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor | 
     if bias is None:
         return None
     return bias.to(torch.float32 if x_dtype == torch.bfloat16 else x_dtype).contiguous()
+
+
+# The one-line hardware check of npu_fused_infer_attention_score's mask polarity (unverified here):
+# one query over two keys with equal scores, values 0 and 1, the first key masked by True. Prints
+# [1.0, 1.0] (decode branch Q_S = 1, prompt branch Q_S = 2) if True masks, as glmrt assumes;
+# [0.0, 0.0] if True keeps; 0.5 where the mask was ignored.
+FIA_MASK_POLARITY_CHECK = (
+    "python -c \"import torch, torch_npu; d='npu'; f=torch.float16; "
+    "k=torch.zeros(1,1,2,128,dtype=f,device=d); v=torch.stack((torch.zeros(128),torch.ones(128))).to(f).to(d)[None,None]; "
+    "print([torch_npu.npu_fused_infer_attention_score(torch.ones(1,1,s,128,dtype=f,device=d),k,v,"
+    "atten_mask=torch.tensor([True,False],device=d).repeat(1,1,s,1),num_heads=1,input_layout='BNSD',scale=1.0)[0]"
+    ".float().mean().item() for s in (1,2)], '1.0: True masks (what glmrt passes); 0.0: True keeps')\"")
 
 
 # ----------------------------------------------------------------------------- the kernel set
@@ -251,13 +339,19 @@ class NPUKernels:
     def product(self) -> Product:
         return self._product_fn()
 
-    def _product_refusal(self, op_name: str, allowed: set[str] | None = None) -> str | None:
+    def _product_refusal(self, op_name: str, allowed: set[str] | None = None,
+                         dtype: torch.dtype | None = None) -> str | None:
+        """Why ``op_name`` cannot run on this product (not in its products table, not in this
+        torch_npu, or ``dtype`` bfloat16 on a product without bfloat16), or None."""
         p = self.product
         allowed = OP_PRODUCTS[op_name] if allowed is None else allowed
         if p.family not in allowed:
             return f"{op_name} is not documented for {p.describe()}; it runs on {', '.join(sorted(allowed))}"
         if op_keywords(op_name) is _MISSING:
             return f"this torch_npu has no {op_name}"
+        if dtype == torch.bfloat16 and p.family not in BF16_PRODUCTS:
+            return (f"{op_name} takes no bfloat16 on {p.describe()}: bfloat16 starts with the Atlas A2 "
+                    "(torch_npu's IsBF16Supported() is false below Ascend910B1)")
         return None
 
     # ------------------------------------------------------------------ norm: npu_rms_norm
@@ -275,7 +369,7 @@ class NPUKernels:
             return ("npu_rms_norm multiplies by the weight in fp32 and rounds once (THUDM's RMSNorm); this node "
                     f"rounds the normalized value to {_dtype_name(dtype)} before the weight multiply (transformers' "
                     "glm/glm4), which the op cannot reproduce bit for bit")
-        return self._product_refusal("npu_rms_norm")
+        return self._product_refusal("npu_rms_norm", dtype=dtype)
 
     def rms_norm(self, ctx, node, inputs, params):
         x = inputs[0]
@@ -302,10 +396,7 @@ class NPUKernels:
             return ("npu_add_rms_norm multiplies by the weight in fp32 and rounds once (THUDM's RMSNorm); this node "
                     f"rounds the normalized value to {_dtype_name(dtype)} before the weight multiply (transformers' "
                     "glm/glm4), which the op cannot reproduce bit for bit")
-        refusal = self._product_refusal("npu_add_rms_norm")
-        if refusal is None and self.product.family == INFERENCE and dtype == torch.bfloat16:
-            return f"npu_add_rms_norm takes no bfloat16 on {self.product.describe()}"
-        return refusal
+        return self._product_refusal("npu_add_rms_norm", dtype=dtype)
 
     def add_rms_norm(self, ctx, node, inputs, params):
         res, branch = inputs
@@ -328,10 +419,18 @@ class NPUKernels:
         dtype = node.input_specs[0].dtype
         if dtype not in FLOAT_DTYPES:
             return f"npu_apply_rotary_pos_emb takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
-        refusal = self._product_refusal("npu_apply_rotary_pos_emb")
-        if refusal is None and self.product.family == INFERENCE and dtype == torch.bfloat16:
-            return f"npu_apply_rotary_pos_emb takes no bfloat16 on {self.product.describe()}"
-        return refusal
+        refusal = self._product_refusal("npu_apply_rotary_pos_emb", dtype=dtype)
+        if refusal:
+            return refusal
+        # One call rotates q (num_heads) and k (num_kv_heads) of width `width` (2-D RoPE: the two
+        # halves stacked on the batch axis, so the head counts stay those of the node).
+        need = apply_rotary_pos_emb_ub_bytes(a["num_heads"], a["num_kv_heads"], width, dtype)
+        ub = UB_BYTES[self.product.family]
+        if need > ub:
+            return (f"npu_apply_rotary_pos_emb needs {need} bytes of UB for {a['num_heads']}+{a['num_kv_heads']} "
+                    f"heads of {width} dims in {_dtype_name(dtype)} (the documented ub_required formula), more than "
+                    f"the {ub} bytes of an AI core on {self.product.describe()}")
+        return None
 
     def rope_apply_rotary_pos_emb(self, ctx, node, inputs, params):
         """One fused in-place call for q and k, layout BSND; q/k are fresh contiguous copies.
@@ -347,11 +446,13 @@ class NPUKernels:
             k2 = torch.cat((k[..., :half], k[..., half:]), dim=0)
             cos = torch.cat((c1, c2), dim=0)[:, :, None, :].contiguous()  # (2B, T, 1, half)
             sin = torch.cat((s1, s2), dim=0)[:, :, None, :].contiguous()
-            q2, k2 = vendor().npu_apply_rotary_pos_emb(q2, k2, cos, sin, layout="BSND", rotary_mode="half")
+            q2, k2 = vendor().npu_apply_rotary_pos_emb(q2, k2, cos, sin, layout="BSND",
+                                                       **_mode_kwargs("npu_apply_rotary_pos_emb", "half"))
             return torch.cat((q2[:B], q2[B:]), dim=-1), torch.cat((k2[:B], k2[B:]), dim=-1), v
         cos, sin = rope_tables(ctx, a, q.dtype, "half")  # (B, T, hd)
         q, k = vendor().npu_apply_rotary_pos_emb(q.contiguous(), k.contiguous(), cos[:, :, None, :].contiguous(),
-                                                 sin[:, :, None, :].contiguous(), layout="BSND", rotary_mode="half")
+                                                 sin[:, :, None, :].contiguous(), layout="BSND",
+                                                 **_mode_kwargs("npu_apply_rotary_pos_emb", "half"))
         return q, k, v
 
     # ------------------------------------------------------------------ rope: npu_rotary_mul
@@ -364,19 +465,23 @@ class NPUKernels:
         if dtype not in FLOAT_DTYPES:
             return f"npu_rotary_mul takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
         mode = "interleave" if kind == "interleaved" else "half"
-        refusal = self._product_refusal("npu_rotary_mul")
+        refusal = self._product_refusal("npu_rotary_mul", dtype=dtype)
         if refusal:
             return refusal
         if self.product.family not in ROTARY_MUL_GENERAL:
             if mode == "interleave":
-                return (f"npu_rotary_mul's 'interleave' mode runs on {A2} and {A3} only, not on "
-                        f"{self.product.describe()}")
+                return (f"npu_rotary_mul's 'interleave' mode is not on {self.product.describe()}: "
+                        f"{ROTARY_MUL_INTERLEAVE_PATH}")
             if width != 128:
                 return f"npu_rotary_mul on {self.product.describe()} needs D = 128, this node rotates {width} dims"
         if mode == "interleave":
             keywords = op_keywords("npu_rotary_mul")
             if keywords is not None and "rotary_mode" not in keywords:
-                return "this torch_npu's npu_rotary_mul has no rotary_mode argument (half-split pairing only)"
+                return ("this torch_npu's npu_rotary_mul has no rotary_mode argument (op-plugin 7.0.0 added it; "
+                        "half-split pairing only)")
+            if jit_compile_enabled() is True:
+                return ("npu_rotary_mul's 'interleave' mode is not taken with jit_compile=True "
+                        f"(torch.npu.set_compile_mode): {ROTARY_MUL_INTERLEAVE_PATH}")
         if width % 2 or width >= 896:
             return f"npu_rotary_mul needs an even rotated width below 896, this node rotates {width}"
         # The batch is folded into S (tables 1S1D), so B*N < 1000 reads N < 1000.
@@ -402,14 +507,14 @@ class NPUKernels:
             x = torch.stack((qk[..., :half], qk[..., half:])).reshape(1, 2 * B * T, heads, half)
             cos = torch.stack((c1, c2)).reshape(1, 2 * B * T, 1, half)
             sin = torch.stack((s1, s2)).reshape(1, 2 * B * T, 1, half)
-            out = op(x, cos, sin, rotary_mode="half").view(2, B, T, heads, half)
+            out = op(x, cos, sin, **_mode_kwargs("npu_rotary_mul", "half")).view(2, B, T, heads, half)
             rotated = torch.cat((out[0], out[1]), dim=-1)  # (B, T, nh+nkv, hd)
         else:
             rd = a["rotary_dim"]
             mode = "interleave" if a["kind"] == "interleaved" else "half"
             cos, sin = rope_tables(ctx, a, qkv.dtype, mode)  # (B, T, rd)
             x = qk[..., :rd].reshape(1, B * T, heads, rd)  # the rotary slice, contiguous copy
-            out = op(x, cos.reshape(1, B * T, 1, rd), sin.reshape(1, B * T, 1, rd), rotary_mode=mode)
+            out = op(x, cos.reshape(1, B * T, 1, rd), sin.reshape(1, B * T, 1, rd), **_mode_kwargs("npu_rotary_mul", mode))
             out = out.view(B, T, heads, rd)
             rotated = torch.cat((out, qk[..., rd:]), dim=-1) if rd < hd else out
         return rotated[:, :, :nh], rotated[:, :, nh:], v
@@ -424,7 +529,7 @@ class NPUKernels:
             return f"npu_swiglu takes float16/bfloat16/float32, not {_dtype_name(dtype)}"
         if node.input_specs[0].shape[-1] % 2:
             return f"npu_swiglu halves the last dim; {node.input_specs[0].shape[-1]} is odd"
-        return self._product_refusal("npu_swiglu")
+        return self._product_refusal("npu_swiglu", dtype=dtype)
 
     def swiglu(self, ctx, node, inputs, params):
         return vendor().npu_swiglu(inputs[0].contiguous(), dim=-1)  # the op refuses non-contiguous input
@@ -452,16 +557,20 @@ class NPUKernels:
             return f"npu_fused_infer_attention_score needs num_heads/num_key_value_heads an integer <= 64, got {nh}/{nkv}"
         if nh * hd >= 65535:  # prefill without a cache passes layout BSND
             return f"npu_fused_infer_attention_score in layout BSND needs N*D < 65535, got {nh}*{hd}"
-        return self._product_refusal("npu_fused_infer_attention_score")
+        return self._product_refusal("npu_fused_infer_attention_score", dtype=dtype)
 
     def fused_infer_attention(self, ctx, node, inputs, params):
         """Prefill and decode through npu_fused_infer_attention_score with an explicit mask
         (sparse_mode 0, True = masked: glmrt's `allowed` inverted) and scale = 1/sqrt(d).
 
         Without a cache: layout BSND on this step's q, k, v. With a cache: the step's keys and
-        values are copied into the cache in place (as the reference does), then the op reads the
-        whole contiguous cache buffer (B, nkv, max_len, hd) in layout BNSD, with
-        actual_seq_lengths_kv = cache_pos + T and the mask padded (masked) up to max_len."""
+        values are written by glmrt.ops.update_kv_cache (the one cache write every attention kernel
+        shares: at ctx.cache_pos in eager decode, at the device position ctx.cache_pos_t in static
+        and graph decode), then the op reads the whole contiguous cache buffer (B, nkv, max_len, hd)
+        in layout BNSD. Eager: actual_seq_lengths_kv = cache_pos + T and the mask padded (masked) up
+        to max_len. Static/graph: nothing read from the host -- ctx.allowed already spans max_len
+        (built on the device from the position), so the call is the same at every step and can be
+        captured."""
         a = node.attrs
         q, k, v = inputs  # (B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd)
         B, T, nh, hd = q.shape
@@ -477,20 +586,23 @@ class NPUKernels:
             out, _ = vendor().npu_fused_infer_attention_score(
                 q.contiguous(), k.contiguous(), v.contiguous(), atten_mask=mask, input_layout="BSND", **kwargs)
             return out.reshape(B, T, nh * hd)  # (B, T, nh, hd) -> (B, T, H)
-        layer, pos = a["layer_index"], ctx.cache_pos
-        k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd)
-        k_cache[:, :, pos:pos + T] = k.transpose(1, 2)
-        v_cache[:, :, pos:pos + T] = v.transpose(1, 2)
-        S, max_len = pos + T, k_cache.shape[2]
-        mask_key = ("npu.fia_mask", max_len)
-        mask = ctx.memo.get(mask_key)
-        if mask is None:  # shared by every layer of this step
-            mask = torch.ones(B, 1, T, max_len, dtype=torch.bool, device=q.device)
-            mask[..., :S] = ~ctx.allowed
-            ctx.memo[mask_key] = mask
+        layer = a["layer_index"]
+        ops.update_kv_cache(ctx, layer, k, v)
+        k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, nkv, max_len, hd), contiguous
+        max_len = k_cache.shape[2]
+        if ctx.cache_pos_t is not None:  # static shapes: allowed is (B, 1, T, max_len)
+            mask = (~ctx.allowed).contiguous()
+        else:
+            S = ctx.cache_pos + T
+            kwargs["actual_seq_lengths_kv"] = [S] * B
+            mask_key = ("npu.fia_mask", max_len)
+            mask = ctx.memo.get(mask_key)
+            if mask is None:  # shared by every layer of this step
+                mask = torch.ones(B, 1, T, max_len, dtype=torch.bool, device=q.device)
+                mask[..., :S] = ~ctx.allowed
+                ctx.memo[mask_key] = mask
         out, _ = vendor().npu_fused_infer_attention_score(
-            q.transpose(1, 2).contiguous(), k_cache, v_cache, atten_mask=mask, actual_seq_lengths_kv=[S] * B,
-            input_layout="BNSD", **kwargs)
+            q.transpose(1, 2).contiguous(), k_cache, v_cache, atten_mask=mask, input_layout="BNSD", **kwargs)
         return out.transpose(1, 2).reshape(B, T, nh * hd)  # (B, nh, T, hd) -> (B, T, H)
 
     @staticmethod
@@ -525,7 +637,7 @@ class NPUKernels:
                 return refusal
         elif q["bits"] != 8:
             return f"{q['bits']}-bit weights: npu_weight_quant_batchmatmul takes int8 or int4"
-        refusal = self._product_refusal("npu_weight_quant_batchmatmul")
+        refusal = self._product_refusal("npu_weight_quant_batchmatmul", dtype=dtype)
         if refusal is None and self.product.family == INFERENCE:
             if dtype != torch.float16:
                 return f"npu_weight_quant_batchmatmul takes float16 activations only on {self.product.describe()}"
@@ -547,7 +659,7 @@ class NPUKernels:
         else:
             weight = self.int4_cache.get(params["weight"], k)  # (K, N/8) int32
         y = vendor().npu_weight_quant_batchmatmul(
-            x2, weight, antiquant_scale(params["scale"], q["group_size"], x.dtype),
+            x2, weight, antiquant_scale(params["scale"], q["group_size"], x.dtype, weight_transposed=q["bits"] == 8),
             bias=bias_for(x.dtype, params.get("bias")), antiquant_group_size=q["group_size"])
         return y.reshape(*x.shape[:-1], y.shape[-1])  # (B, T, N)
 
@@ -580,4 +692,4 @@ class NPUKernels:
 
 
 __all__ = ["vendor", "loaded_vendor", "NPUKernels", "Product", "detect_product", "int4_values_kn", "antiquant_scale",
-           "bias_for", "product_family", "OP_PRODUCTS"]
+           "bias_for", "product_family", "FIA_MASK_POLARITY_CHECK", "product_dtypes", "OP_PRODUCTS", "BF16_PRODUCTS"]

@@ -12,6 +12,7 @@
 // run time before a kernel starts (plan_*().fits()).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -55,15 +56,25 @@ class LocalStore {
     }
     T* p = reinterpret_cast<T*>(base_ + used_);
     used_ += bytes;
+    if (used_ > peak_) peak_ = used_;
     return p;
   }
   void reset() { used_ = 0; }
   int64_t used() const { return used_; }
+  // The most bytes this arena held at once since it was made (across reset()s).
+  int64_t peak() const { return peak_; }
 
  private:
   std::byte* base_;
   int64_t used_ = 0;
+  int64_t peak_ = 0;
 };
+
+// What the arenas of the last run_logical_workers call actually held: the largest working set any
+// one logical worker took (bytes, as LocalStore rounds them), so tests can check the LDM budget on
+// what the kernels did rather than on the planner's own arithmetic.
+inline std::atomic<int64_t> g_last_ldm_peak{0};
+inline int64_t last_ldm_peak() { return g_last_ldm_peak.load(); }
 
 // Host threads that run the 64 logical workers: OpenMP's thread count, capped to the host's cores
 // and to 64.
@@ -74,6 +85,7 @@ int host_threads();
 // round robin: worker w takes tiles w, w + 64, w + 128, ...
 template <typename Body>
 void run_logical_workers(Body&& body) {
+  g_last_ldm_peak.store(0);
 #pragma omp parallel num_threads(host_threads())
   {
     LocalStore store;
@@ -81,6 +93,9 @@ void run_logical_workers(Body&& body) {
     for (int worker = 0; worker < kLogicalWorkers; ++worker) {
       store.reset();
       body(worker, store);
+    }
+    int64_t seen = g_last_ldm_peak.load();
+    while (store.peak() > seen && !g_last_ldm_peak.compare_exchange_weak(seen, store.peak())) {
     }
   }
 }

@@ -113,6 +113,8 @@ PYBIND11_MODULE(_native_sunway, m) {
 #endif
   }, "The CPU architecture this module was compiled for");
   m.def("host_threads", &sw::host_threads, "Host threads that run the 64 logical workers");
+  m.def("last_ldm_peak", &sw::last_ldm_peak,
+        "Bytes of LDM arena the busiest logical worker held at once during the last kernel call");
   m.def("openmp", []() {
 #ifdef GLMRT_HAVE_OPENMP
     return true;

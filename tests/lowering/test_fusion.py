@@ -18,8 +18,8 @@ from glmrt.models import PRESETS, config_from_dict
 from glmrt.quant import quantize_graph, quantize_weights
 
 native_cpu = _native.load("_native_cpu")[0]
-needs_native = pytest.mark.skipif(native_cpu is None or not hasattr(native_cpu, "add_norm"),
-                                  reason="native CPU module with add_norm not built")
+needs_native = pytest.mark.glmrt_native(available=native_cpu is not None and hasattr(native_cpu, "add_norm"),
+                                        reason="native CPU module with add_norm not built")
 
 
 def tiny(preset: str):

@@ -129,6 +129,19 @@ def test_registry_and_honest_description():
     assert npu().device() == CPU
 
 
+def test_fused_attention_mask_polarity_is_marked_unverified_with_its_check(capsys):
+    """True = masked is documented for npu_incre_flash_attention / npu_fusion_attention, not for
+    npu_fused_infer_attention_score: the verification text says so and gives the check to run on
+    the device. The check itself runs here against the double (which implements True = masked)."""
+    detail = NPUBackend().verification().detail
+    assert "UNVERIFIED: the attention mask polarity of npu_fused_infer_attention_score" in detail
+    check = npu_kernels.FIA_MASK_POLARITY_CHECK
+    assert check in detail and check.startswith('python -c "') and "\n" not in check
+    code = check[len('python -c "'):-1].replace("d='npu'", "d='cpu'")
+    exec(compile(code, "<polarity check>", "exec"), {})  # imports torch_npu: the double, here
+    assert capsys.readouterr().out.startswith("[1.0, 1.0] 1.0: True masks")
+
+
 def test_glmrt_info_is_honest_while_the_double_stands_in(capsys):
     assert cli.main(["info", "--backend", "npu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -184,9 +197,9 @@ def test_partial_interleaved_rope_never_takes_a_full_head_op():
     assert "npu_apply_rotary_pos_emb" in rope.reason and "interleaved" in rope.reason
     assert "64 of 128" in rope.reason
     # Where 'interleave' mode does not exist (the original 910), it falls back; no full-head op.
-    rope = step(plan_of(tiny("chatglm3-6b"), BF16, npu(soc="Ascend910A")), op="rope")
+    rope = step(plan_of(tiny("chatglm3-6b"), FP16, npu(soc="Ascend910A")), op="rope")
     assert rope.kind == REFERENCE
-    assert "interleaved" in rope.reason and "'interleave' mode runs on" in rope.reason
+    assert "interleaved" in rope.reason and "'interleave' exists only on the aclnn path" in rope.reason
 
 
 def test_fp32_attention_falls_back_with_reason_and_strict_refuses():
@@ -225,10 +238,56 @@ def test_original_910_runs_only_what_its_products_table_allows():
     assert step(glm130, op="attention").kind == REFERENCE
     chatglm6b = plan_of(tiny("chatglm-6b"), FP16, old)
     assert step(chatglm6b, op="rope").kind == REFERENCE  # 2-D RoPE halves are 64 wide: needs D = 128
-    chatglm3 = plan_of(tiny("chatglm3-6b"), BF16, old)
+    chatglm3 = plan_of(tiny("chatglm3-6b"), FP16, old)
     assert step(chatglm3, op="norm").impl == "torch_npu.npu_rms_norm"
     assert step(chatglm3, op="activation").kind == REFERENCE
     assert step(chatglm3, op="attention").kind == REFERENCE
+    norm = step(plan_of(tiny("chatglm3-6b"), BF16, old), op="norm")  # no bfloat16 below the A2
+    assert norm.kind == REFERENCE and "takes no bfloat16 on Ascend910A" in norm.reason
+
+
+@pytest.mark.parametrize("soc,bf16", [("Ascend910B3", True), ("Ascend910_9392", True), ("Ascend910A", False),
+                                      ("Ascend910ProB", False), ("Ascend910B", False), ("Ascend310P3", False)])
+def test_bfloat16_only_where_the_product_has_it(soc, bf16):
+    """torch_npu's IsBF16Supported() is `SocVersion >= Ascend910B1`: the original 910 (the plain
+    "Ascend910B" included) and the 310P have no bfloat16. The capability says so (glmrt.load refuses
+    the dtype there), every torch_npu kernel refuses bfloat16 nodes there, and so does the double."""
+    backend = npu(soc=soc)
+    assert (BF16 in backend.capabilities().dtypes) == bf16
+    assert {FP32, FP16} <= set(backend.capabilities().dtypes)
+    assert npu_kernels.product_dtypes(backend.product().family) == backend.capabilities().dtypes
+    assert double.bf16_supported(soc) == bf16
+    from glmrt.api import prepare
+    from glmrt.errors import ConfigError
+    if not bf16:
+        with pytest.raises(ConfigError, match="bfloat16"):
+            prepare("synthetic:chatglm3-6b", dtypes=backend.capabilities().dtypes, backend_name="npu",
+                    dtype="bfloat16", layers=1, progress=False, materialize=False)
+    for preset in ("chatglm3-6b", "glm-130b", "chatglm-6b"):
+        for quant in (None, (8, 0)):
+            plan = plan_of(tiny(preset), BF16, backend, quant=quant)
+            vendor_ops = {s.impl for s in plan.steps if s.impl.startswith("torch_npu.")}
+            if bf16:
+                continue
+            assert not vendor_ops, (soc, preset, vendor_ops)
+            # where float16 takes a torch_npu op, bfloat16 falls back and says why
+            fp16 = {s.node.name: s for s in plan_of(tiny(preset), FP16, backend, quant=quant).steps}
+            for s in plan.steps:
+                if fp16[s.node.name].impl.startswith("torch_npu."):
+                    assert "no bfloat16" in s.reason, (s.node.name, s.reason)
+
+
+def test_double_refuses_bfloat16_below_the_a2(torch_npu_double):
+    x = torch.randn(2, 3, 4, 128)
+    w = torch.ones(128)
+    for soc in ("Ascend910A", "Ascend310P3"):
+        torch_npu_double.npu.device_name = soc
+        torch_npu_double.npu_rms_norm(x.half(), w.half())  # float16 runs
+        with pytest.raises(torch_npu_double.ContractError, match="bfloat16 is not supported"):
+            torch_npu_double.npu_rms_norm(x.bfloat16(), w.bfloat16())
+        t = torch.rand(1, 3, 1, 128)
+        with pytest.raises(torch_npu_double.ContractError, match="bfloat16 is not supported"):
+            torch_npu_double.npu_rotary_mul(x.bfloat16(), t.bfloat16(), t.bfloat16())
 
 
 @pytest.mark.parametrize("quant", [(8, 0), (4, 0), (4, 64)])
@@ -282,6 +341,21 @@ def test_older_torch_npu_signatures_are_honoured(monkeypatch):
     assert rope.kind == REFERENCE and "no rotary_mode" in rope.reason
     assert npu()._kernel_set._fia_scale_keyword() == "scale_value"
     _check_attention(BF16, cache=False, B=1, T=4, nh=4, nkv=2)  # runs through the legacy keyword
+    # 'half' mode runs without passing rotary_mode (npu_rotary_mul before 7.0.0,
+    # npu_apply_rotary_pos_emb before 7.2.0 have no such argument: passing it is a TypeError).
+    legacy.npu_apply_rotary_pos_emb = lambda query, key, cos, sin, layout="BSND": \
+        double.npu_apply_rotary_pos_emb(query, key, cos, sin, layout=layout)
+    for preset, kernel_name in (("glm-130b", "torch_npu.npu_rotary_mul"), ("chatglm-6b", "torch_npu.npu_rotary_mul"),
+                                ("glm-130b", "torch_npu.npu_apply_rotary_pos_emb"),
+                                ("chatglm-6b", "torch_npu.npu_apply_rotary_pos_emb")):
+        cfg = tiny(preset)
+        node = node_of(cfg, "rope", FP16)
+        kernel = next(k for k in npu().kernels() if k.name == kernel_name)
+        assert kernel.supports(node) is None
+        qkv = torch.randn(2, 3, cfg.qkv_size).to(FP16)
+        ctx = _ctx(2, 3, two_d=cfg.rope_kind == "2d")
+        for o, r in zip(kernel.fn(ctx, node, [qkv], {}), ops.rope(_ctx(2, 3, positions=ctx.positions), node, [qkv], {})):
+            assert rel_err(o, r) <= _tolerance(FP16)
     assert double.calls("npu_fused_infer_attention_score")[-1].args["scale"] == pytest.approx(1 / math.sqrt(128))
     # Back on the current signatures, the cached argument names follow the module that is loaded.
     monkeypatch.setitem(sys.modules, "torch_npu", double)
@@ -289,16 +363,66 @@ def test_older_torch_npu_signatures_are_honoured(monkeypatch):
     assert npu()._kernel_set._fia_scale_keyword() == "scale"
 
 
+def test_apply_rotary_pos_emb_ub_formula_decides_and_the_double_enforces_it():
+    """npu_apply_rotary_pos_emb is unusable when its documented ub_required exceeds the AI core's
+    UB (192 KiB on A2/A3): 96 + 96 heads at D = 64 need 246784 bytes in bf16 and fp32, at D = 128
+    twice that. Those nodes fall back (npu_rotary_mul takes them) and say why; the released
+    ChatGLM-6B widths (32 + 32 heads at 64) fit."""
+    assert npu_kernels.apply_rotary_pos_emb_ub_bytes(96, 96, 64, BF16) == 246784
+    assert npu_kernels.apply_rotary_pos_emb_ub_bytes(96, 96, 64, FP32) == 246784
+    assert npu_kernels.apply_rotary_pos_emb_ub_bytes(96, 96, 64, FP16) == 123392
+    _, full_130b = config_from_dict(dict(PRESETS["glm-130b"]))
+    _, full_6b = config_from_dict(dict(PRESETS["chatglm-6b"]))
+    wide_2d = tiny("chatglm-6b", num_heads=96, num_kv_heads=96, hidden_size=96 * 128)
+    for cfg, dtype, fits in ((full_130b.replace(num_layers=1), FP16, False), (wide_2d, BF16, False),
+                             (wide_2d, FP32, False), (wide_2d, FP16, True), (full_6b.replace(num_layers=1), FP16, True)):
+        rope = step(plan_of(cfg, dtype), op="rope")
+        if fits:
+            assert rope.impl == "torch_npu.npu_apply_rotary_pos_emb", rope.reason
+        else:
+            assert rope.impl == "torch_npu.npu_rotary_mul"
+            assert "bytes of UB" in rope.reason and "196608" in rope.reason, rope.reason
+    q = torch.randn(1, 2, 96, 64)
+    ones = torch.ones(1, 2, 1, 64)
+    with pytest.raises(double.ContractError, match="ub_required 246784 exceeds"):
+        double.npu_apply_rotary_pos_emb(q, q.clone(), ones, ones, layout="BSND")
+    double.npu_apply_rotary_pos_emb(q.half(), q.half(), ones.half(), ones.half(), layout="BSND")  # fits
+
+
+def test_rotary_mul_interleave_only_on_the_aclnn_path(torch_npu_double):
+    """'interleave' runs only through aclnnRotaryPositionEmbedding (A2/A3, jit_compile=False, a CANN
+    with the op); the aclop kernel takes 'half' only. The predicate reads jit_compile from
+    torch_npu and states what it cannot check; the double refuses as the aclop path does."""
+    cfg = tiny("chatglm3-6b")
+    torch_npu_double.npu.jit_compile = True
+    try:
+        rope = step(plan_of(cfg, BF16), op="rope")
+        assert rope.kind == REFERENCE and "jit_compile=True" in rope.reason
+        assert "a CANN that has the op" in rope.reason
+        x, t = torch.randn(1, 3, 2, 64), torch.rand(1, 3, 1, 64)
+        with pytest.raises(torch_npu_double.ContractError, match="only support rotary_mode with half"):
+            torch_npu_double.npu_rotary_mul(x, t, t, rotary_mode="interleave")
+        torch_npu_double.npu_rotary_mul(x, t, t, rotary_mode="half")
+    finally:
+        torch_npu_double.npu.jit_compile = False
+    assert step(plan_of(cfg, BF16), op="rope").impl == "torch_npu.npu_rotary_mul"
+    torch_npu_double.npu.device_name = "Ascend310P3"
+    with pytest.raises(torch_npu_double.ContractError, match="only support rotary_mode with half"):
+        torch_npu_double.npu_rotary_mul(torch.randn(1, 3, 2, 64), torch.rand(1, 3, 1, 64), torch.rand(1, 3, 1, 64),
+                                        rotary_mode="interleave")
+
+
 def test_inference_series_310p_constraints():
     """Atlas inference series (310P): no bfloat16 in npu_apply_rotary_pos_emb; the weight-quant
     matmul takes float16 activations with per-channel int8 only; no fused attention."""
     p310 = npu(soc="Ascend310P3")
     rope = step(plan_of(tiny("glm-130b"), BF16, p310), op="rope")
-    assert rope.impl == "torch_npu.npu_rotary_mul" and "no bfloat16" in rope.reason
+    assert rope.kind == REFERENCE and "npu_apply_rotary_pos_emb takes no bfloat16" in rope.reason
+    assert "npu_rotary_mul takes no bfloat16" in rope.reason
     assert step(plan_of(tiny("glm-130b"), FP16, p310), op="rope").impl == "torch_npu.npu_apply_rotary_pos_emb"
     s = p310._kernel_set
     assert s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 0, FP16)) is None
-    assert "float16 activations only" in s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 0, BF16))
+    assert "takes no bfloat16" in s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 0, BF16))
     assert "per-channel scales only" in s.supports_weight_quant_matmul(_linear_node(64, 512, 8, 64, FP16))
     assert "npu_convert_weight_to_int4pack is not documented" in s.supports_weight_quant_matmul(
         _linear_node(64, 512, 4, 0, FP16))
@@ -500,6 +624,10 @@ def test_weight_quant_matmul_matches_the_dequantizing_reference(dtype, bits, gro
     assert call["weight"].shape == ((512, 1024) if bits == 8 else (512, 128))
     if bias:
         assert call["bias"].dtype == (FP32 if dtype == BF16 else FP16)
+    if group:  # the scale's layout follows the weight's (the double refuses or misreads the others)
+        scale_arg = call["antiquant_scale"]
+        assert scale_arg.shape == (512 // group, 1024)
+        assert scale_arg.is_contiguous() if bits == 4 else scale_arg.t().is_contiguous()
     kernels.weight_quant_matmul(_ctx(3, 5), node, [x], params)  # a second forward reuses the conversion
     assert len(double.calls("npu_convert_weight_to_int4pack")) == (1 if bits == 4 else 0)
 
@@ -519,6 +647,32 @@ def test_prepare_weights_converts_int4_ahead_of_the_first_forward():
 
 
 # ---------------------------------------------------------------------------- the double refuses what the ops refuse
+def test_double_reads_group_scales_the_way_the_op_does(rng):
+    """aclnnWeightQuantBatchMatmulV2 (A2/A3): next to a contiguous weight the scale must be
+    contiguous (a parameter error otherwise); next to a transposed weight its storage is read as the
+    contiguous (N, G) matrix, so a contiguous (G, N) scale is misread without an error. Reference:
+    the dequantized product x @ (q * s) computed here in fp32."""
+    K, N, g = 128, 64, 32
+    x = torch.randn(3, K, generator=rng).to(BF16)
+    q = torch.randint(-7, 8, (N, K), generator=rng, dtype=torch.int8)  # glmrt's (N, K)
+    s_ng = (0.01 + torch.rand(N, K // g, generator=rng)).to(BF16)  # (N, G), contiguous
+    want = x.float() @ (q.float() * s_ng.float().repeat_interleave(g, dim=1)).t()  # (M, N)
+    s_gn_view, s_gn = s_ng.t(), s_ng.t().contiguous()  # (G, N): a view of (N, G), or its own storage
+
+    def run(weight, scale):
+        return double.npu_weight_quant_batchmatmul(x, weight, scale, antiquant_group_size=g).float()
+
+    assert rel_err(run(q.t(), s_gn_view), want) < 1e-2  # INT8: transposed weight, transposed scale
+    assert rel_err(run(q.t(), s_gn), want) > 0.1  # silently misread, as on the device
+    pack = double.npu_convert_weight_to_int4pack(q.t().to(torch.int32).contiguous().clamp(-8, 7))  # (K, N/8)
+    assert rel_err(run(pack, s_gn), want) < 1e-2  # INT4 pack: contiguous weight, contiguous scale
+    with pytest.raises(double.ContractError, match="antiquant_scale tensor is contiguous"):
+        run(pack, s_gn_view)
+    per_channel = s_ng[:, 0].contiguous()  # (N,): 1-D scales are read as given
+    assert rel_err(double.npu_weight_quant_batchmatmul(x, q.t(), per_channel).float(),
+                   x.float() @ (q.float() * per_channel.float()[:, None]).t()) < 1e-2
+
+
 def test_double_refuses_what_torch_npu_refuses():
     x = torch.randn(2, 3, 4, 128, dtype=BF16)
     err = double.ContractError
@@ -701,6 +855,56 @@ def test_prefix_mask_through_fused_attention_in_a_whole_model(quant):
     cfg = tiny("glm-130b", attention_scaling="standard")
     _compare_models(cfg, BF16, quant=quant, prefix=[5, 2], pad=[1, 0])
     assert double.calls("npu_fused_infer_attention_score")
+
+
+# ----------------------------------------------------------------------------- static and graph decode
+@pytest.mark.parametrize("mode", ["static", "graph"])
+@pytest.mark.parametrize("preset", ["chatglm3-6b", "glm-4-9b-0414"])
+def test_static_and_graph_decode_give_the_eager_tokens(preset, mode, monkeypatch):
+    """decode_mode "static" (the cache position on the device, attention over the whole cache under
+    a device-built mask) and "graph" (that step captured once with torch.npu.graph and replayed,
+    the double's NPUGraph: replay reruns the captured ops on the captured buffers) must give the
+    tokens of eager decode through the same kernels. Reference: the npu plan's own eager decode,
+    itself checked against the reference plan above. A kernel that writes the cache at
+    ctx.cache_pos (0 in static decode) or reads a position on the host fails here."""
+    from glmrt.model import Model
+
+    cfg = tiny(preset)
+    graph = build_graph(cfg, FP16)
+    weights = synthetic_weights(graph)
+    plan = lower(graph, npu(), weights)
+    assert step(plan, op="attention").impl == "torch_npu.npu_fused_infer_attention_score"
+    captured = []
+
+    class RecordingGraph(double.NPUGraph):
+        def __init__(self):
+            super().__init__()
+            captured.append(self)
+
+    if mode == "graph":  # the cpu device stands in for "npu": torch.<device>.NPUGraph / .graph
+        monkeypatch.setattr(torch.cpu, "NPUGraph", RecordingGraph, raising=False)
+        monkeypatch.setattr(torch.cpu, "graph", double.graph, raising=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    model = Model(cfg, graph, plan, weights, "tiny")
+    model.decode_mode = "eager"
+    want = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    eager_calls = len(double.calls("npu_fused_infer_attention_score"))
+    double.reset()
+    model.decode_mode = mode
+    got = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    assert got.shape == want.shape and torch.equal(got, want), f"{mode}:\n{got}\neager:\n{want}"
+    calls = [c.args for c in double.calls("npu_fused_infer_attention_score")]
+    decode = [c for c in calls if c["query"].shape[2] == 1]
+    assert decode and all(c["actual_seq_lengths_kv"] is None for c in decode)  # nothing read on the host
+    assert all(c["atten_mask"].shape[-1] == c["key"].shape[2] for c in decode)  # the whole cache, masked
+    if mode == "graph":
+        assert captured and sum(g.replays for g in captured) >= 5  # the 5 decode steps were replays
+        # per layer at most: prefill + 2 warm-ups + 1 capture; the eager run called it at every step
+        assert len(calls) < eager_calls
+    again = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # a second call, same shapes
+    assert torch.equal(again, want)
 
 
 # ----------------------------------------------------------------------------- npu_add_rms_norm

@@ -50,9 +50,12 @@ the GLM-130B repo imports) and the GLM-130B repo's `generate.py`:
     [MASK] takes precedence over [gMASK].
 
 Precision: the originals run fp16 weights; these references compute in whatever dtype the weights
-are given in (fp32 in the tests) and keep the originals' fp16 RoPE tables (`rope_precision="half"`).
-The original's non-fused softmax path casts probabilities back with `.half()` (GLM-130B) or to the
-score dtype (ChatGLM-6B); here they are cast back to the model dtype.
+are given in. RoPE tables: `rope_precision="half"` keeps fp16 tables whatever the weights' dtype
+(the buffer never converted); `rope_precision=<the model dtype>` is the model converted with
+.half() / .bfloat16() / .float(), tables built in that dtype from the fp16-rounded frequencies
+(test_original_code_half_precision.py). The original's non-fused softmax path casts probabilities
+back with `.half()` (GLM-130B) or to the score dtype (ChatGLM-6B); here they are cast back to the
+model dtype. ChatGLM2Reference below is THUDM's later code (ChatGLM2/3, GLM-4-9B).
 """
 
 from __future__ import annotations
@@ -75,10 +78,16 @@ class RotaryEmbedding:
     without calling `.float()` on the module).
     rope_precision="float": the buffer converted to fp32 (what `model.float()` does to ChatGLM-6B)."""
 
-    def __init__(self, dim: int, base: float = 10000, rope_precision: str = "half"):
+    def __init__(self, dim: int, base: float = 10000, rope_precision: str | torch.dtype = "half"):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         inv_freq = inv_freq.half()
-        if rope_precision == "float":
+        if isinstance(rope_precision, torch.dtype):
+            # the whole module converted, model.half() / .bfloat16() / .float(): Module._apply casts
+            # the (fp16-rounded) buffer, and __call__ below then builds the tables in that dtype.
+            # ChatGLM-6B passes precision=torch.half and GLM-130B torch.half/torch.float, so the
+            # `precision == torch.bfloat16` branch of the original forward is never taken.
+            inv_freq = inv_freq.to(rope_precision)
+        elif rope_precision == "float":
             inv_freq = inv_freq.float()  # Module._apply on the registered buffer
         elif rope_precision != "half":
             raise ValueError(rope_precision)
@@ -113,12 +122,16 @@ def split_tensor_along_last_dim(tensor: Tensor, num_partitions: int):
 
 
 def gelu_impl(x: Tensor) -> Tensor:
-    """OpenAI's gelu implementation (ChatGLM-6B's `gelu_impl`)."""
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+    """OpenAI's gelu implementation (ChatGLM-6B's `gelu_impl`). The original is `@torch.jit.script`
+    and its module turns the TorchScript fusers on (`_jit_override_can_fuse_on_cpu/gpu(True)`, the
+    legacy executor): the fused kernel computes a half-precision input in fp32 and rounds once, as
+    here (in fp32 the same formula)."""
+    xf = x.float()
+    return (0.5 * xf * (1.0 + torch.tanh(0.7978845608028654 * xf * (1.0 + 0.044715 * xf * xf)))).to(x.dtype)
 
 
 def layer_scaled_attention(query_layer: Tensor, key_layer: Tensor, value_layer: Tensor, attention_mask: Tensor,
-                           layer_id: int, skip_rule: str) -> Tensor:
+                           layer_id: int, skip_rule: str, fill: float = -10000.0) -> Tensor:
     """The originals' `attention_fn` (non-fused path), [sq, b, np, hn] in, [sq, b, np*hn] out.
 
     skip_rule "chatglm": `if not (attention_mask == 0).all(): masked_fill_`
@@ -145,7 +158,7 @@ def layer_scaled_attention(query_layer: Tensor, key_layer: Tensor, value_layer: 
     else:
         raise ValueError(skip_rule)
     if not skip:
-        attention_scores = attention_scores.masked_fill(attention_mask, -10000.0)
+        attention_scores = attention_scores.masked_fill(attention_mask, fill)  # the originals: -10000.0
     attention_scores = attention_scores.float()
     attention_scores = attention_scores * query_key_layer_scaling_coeff
     attention_probs = F.softmax(attention_scores, dim=-1)
@@ -482,3 +495,121 @@ class GLM130BReference:
                 break
         out = tokens[0, : counter + 1].tolist()
         return out, margins
+
+
+# ============================================================================ ChatGLM2/3, GLM-4-9B (THUDM code)
+class ChatGLM2Reference:
+    """THUDM's modeling_chatglm.py of ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B (`model_type: "chatglm"`),
+    as plain functions over a state dict with the release's tensor names, in the weights' dtype.
+
+    Followed (model-hub code, torch >= 2 path):
+      * `RMSNorm.forward`: `variance = h.to(float32).pow(2).mean(-1, keepdim=True)`;
+        `h = h * torch.rsqrt(variance + eps)` (promotes to fp32); `(self.weight * h).to(input_dtype)`:
+        the weight multiply in fp32, one rounding (`weight_multiply_first=False` is that order;
+        True = transformers' glm: round the normalized value, then multiply in the model dtype).
+      * `RotaryEmbedding(rotary_dim // 2, rope_ratio=...).forward_impl(seq_len, n_elem, dtype)`:
+        `base = 10000 * rope_ratio`, `theta = 1 / base ** (arange(0, n_elem, 2, float) / n_elem)`,
+        `idx_theta = outer(arange(seq_len, float), theta).float()`, `cache = stack([cos, sin], -1)`
+        then `.half()` / `.bfloat16()` for a half model (dtype = the inv_freq buffer's = the model's):
+        fp32 tables rounded once to the model dtype.
+      * `apply_rotary_pos_emb`: interleaved pairs on the first rot_dim = 2 * cache.shape[-2] dims,
+        `x0*c - x1*s, x1*c + x0*s` in the model dtype, the rest passed through.
+      * `SelfAttention`: `query_key_value` rows [q (np*hn) | k (ng*hn) | v (ng*hn)]; keys/values
+        expanded so query head h reads group h // (np / ng).
+      * `CoreAttention` (torch >= 2): `scaled_dot_product_attention(q, k, v, is_causal=True)` when no
+        mask is needed, else with `~full_attention_mask`; in the model dtype.
+      * `GLMBlock`: pre-norm, residual adds in the model dtype; `MLP`: swiglu
+        `silu(x[0]) * x[1]` of `chunk(dense_h_to_4h(x), 2)`; final RMSNorm; `output_layer`.
+      * `get_masks` with a padding mask: causal, padded keys masked (padded query rows see
+        everything: their outputs are not compared)."""
+
+    weight_multiply_first = False
+
+    def __init__(self, state_dict: dict[str, Tensor], config: dict):
+        self.sd = state_dict
+        self.num_layers = int(config["num_layers"])
+        self.np = int(config["num_attention_heads"])
+        self.ng = int(config["multi_query_group_num"]) if config.get("multi_query_attention", True) else self.np
+        self.hn = int(config["kv_channels"])
+        self.eps = float(config["layernorm_epsilon"])
+        self.base = 10000.0 * float(config.get("rope_ratio", 1.0))
+        self.rotary_dim = self.hn // 2
+        self.dtype = state_dict["transformer.embedding.word_embeddings.weight"].dtype
+
+    def _rms_norm(self, h: Tensor, name: str) -> Tensor:
+        weight = self.sd[name + ".weight"]
+        input_dtype = h.dtype
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        if self.weight_multiply_first:  # transformers' order (a variant, to show the tests can tell)
+            return weight * (h.to(torch.float32) * torch.rsqrt(variance + self.eps)).to(input_dtype)
+        h = h * torch.rsqrt(variance + self.eps)
+        return (weight * h).to(input_dtype)
+
+    def _rope_cache(self, seq_len: int) -> Tensor:
+        n_elem = self.rotary_dim
+        theta = 1.0 / (self.base ** (torch.arange(0, n_elem, 2, dtype=torch.float) / n_elem))
+        seq_idx = torch.arange(seq_len, dtype=torch.float)
+        idx_theta = torch.outer(seq_idx, theta).float()
+        cache = torch.stack([torch.cos(idx_theta), torch.sin(idx_theta)], dim=-1)
+        if self.dtype in (torch.float16, torch.bfloat16):
+            cache = cache.bfloat16() if self.dtype == torch.bfloat16 else cache.half()
+        return cache  # [seq_len, n_elem / 2, 2]
+
+    @staticmethod
+    def _apply_rotary_pos_emb(x: Tensor, rope_cache: Tensor) -> Tensor:
+        # x: [sq, b, np, hn]; rope_cache: [sq, b, rot_dim / 2, 2]
+        sq, np_ = x.size(0), x.size(2)
+        rot_dim = rope_cache.shape[-2] * 2
+        x, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+        xshaped = x.reshape(sq, -1, np_, rot_dim // 2, 2)
+        rope_cache = rope_cache.view(sq, -1, 1, xshaped.size(3), 2)
+        x_out2 = torch.stack([xshaped[..., 0] * rope_cache[..., 0] - xshaped[..., 1] * rope_cache[..., 1],
+                              xshaped[..., 1] * rope_cache[..., 0] + xshaped[..., 0] * rope_cache[..., 1]], -1)
+        return torch.cat((x_out2.flatten(3), x_pass), dim=-1)
+
+    def _attention(self, h: Tensor, rope: Tensor, mask: Tensor | None, i: int) -> Tensor:
+        p = f"transformer.encoder.layers.{i}.self_attention"
+        mixed = F.linear(h, self.sd[p + ".query_key_value.weight"], self.sd.get(p + ".query_key_value.bias"))
+        q, k, v = mixed.split([self.np * self.hn, self.ng * self.hn, self.ng * self.hn], dim=-1)
+        q = q.view(*q.shape[:-1], self.np, self.hn)
+        k = k.view(*k.shape[:-1], self.ng, self.hn)
+        v = v.view(*v.shape[:-1], self.ng, self.hn)
+        q, k = self._apply_rotary_pos_emb(q, rope), self._apply_rotary_pos_emb(k, rope)
+        group = self.np // self.ng
+        k = k.unsqueeze(-2).expand(-1, -1, -1, group, -1).reshape(*k.shape[:2], self.np, self.hn)
+        v = v.unsqueeze(-2).expand(-1, -1, -1, group, -1).reshape(*v.shape[:2], self.np, self.hn)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, np, sq, hn]
+        if mask is None:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, ~mask)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(q.shape[2], q.shape[0], self.np * self.hn)  # [sq, b, h]
+        return F.linear(ctx, self.sd[p + ".dense.weight"])
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids [B, T]; attention_mask [B, T] of 0/1 (left padding) or None -> logits [B, T, V].
+        Position ids as the THUDM tokenizer's _pad gives them: 0, 1, ... from each row's first real
+        token (0 on the padding)."""
+        B, T = input_ids.shape
+        if attention_mask is None or bool(attention_mask.all()):
+            positions = torch.arange(T)[None].expand(B, T)
+            mask = None
+        else:
+            pad = attention_mask.long()
+            positions = (pad.cumsum(-1) - 1).clamp(min=0) * pad
+            full = torch.ones(B, T, T).tril_() * pad[:, None, :]
+            full -= pad[:, :, None] - 1  # get_masks: padded query rows see everything
+            mask = (full < 0.5)[:, None]  # [B, 1, T, T], True = masked
+        cache = self._rope_cache(T)[positions].transpose(0, 1).contiguous()  # [T, B, rot/2, 2]
+        h = F.embedding(input_ids, self.sd["transformer.embedding.word_embeddings.weight"]).transpose(0, 1)
+        for i in range(self.num_layers):
+            p = f"transformer.encoder.layers.{i}"
+            x = self._rms_norm(h, p + ".input_layernorm")
+            h = h + self._attention(x, cache, mask, i)
+            x = self._rms_norm(h, p + ".post_attention_layernorm")
+            inter = F.linear(x, self.sd[p + ".mlp.dense_h_to_4h.weight"])
+            a, b = torch.chunk(inter, 2, dim=-1)
+            h = h + F.linear(F.silu(a) * b, self.sd[p + ".mlp.dense_4h_to_h.weight"])
+        h = self._rms_norm(h, "transformer.encoder.final_layernorm")
+        return F.linear(h, self.sd["transformer.output_layer.weight"]).transpose(0, 1).float()

@@ -319,13 +319,25 @@ def test_greedy_generate_left_padded_batch_rows_equal_single_prompts(model, refe
     for i, p in enumerate(batch):
         ids[i, T - len(p):] = torch.tensor(p)
         mask[i, T - len(p):] = 1
-    got = model.generate(ids, max_new_tokens=MAX_NEW, attention_mask=mask)
-    for i, p in enumerate(batch):
-        ref_ids, margins = reference.greedy_generate(p, MAX_NEW, MASK, GMASK, END_TOKENS)
+    # One more end token, taken from the first row's own continuation, so that row stops early
+    # while the others run on.
+    first, _ = reference.greedy_generate(batch[0], MAX_NEW, MASK, GMASK, END_TOKENS)
+    end_tokens = (*END_TOKENS, first[len(batch[0]) + 4])
+    got = model.generate(ids, max_new_tokens=MAX_NEW, attention_mask=mask, pad_token_id=EOS,
+                         eos_token_id=list(end_tokens))
+    # Whole rows: each row is the reference's own greedy continuation of that prompt alone (up to
+    # and including its end token), then pad ids while longer rows run on; the batch is as long as
+    # its longest row. A row that stops early or runs past its end token fails.
+    refs = []
+    for p in batch:
+        ref_ids, margins = reference.greedy_generate(p, MAX_NEW, MASK, GMASK, end_tokens)
         assert min(margins) > MIN_GREEDY_MARGIN, "reference greedy steps too close to a tie to compare"
-        new_ref = ref_ids[len(p):]
-        new_got = got[i, T:].tolist()[: len(new_ref)]
-        assert new_got == new_ref
+        refs.append(ref_ids[len(p):])
+    longest = max(len(r) for r in refs)
+    assert min(len(r) for r in refs) < longest  # test setup: a row ends before the others
+    assert got.shape == (len(batch), T + longest)
+    for i, new_ref in enumerate(refs):
+        assert got[i, T:].tolist() == new_ref + [EOS] * (longest - len(new_ref)), i
 
 
 # ----------------------------------------------------------------------------- errors

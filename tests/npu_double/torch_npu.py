@@ -14,13 +14,16 @@ Every call is appended to CALLS (op name and arguments) so tests can check how o
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
+import torch.utils._python_dispatch
 
 __version__ = "2.13.0+double"
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+UB_BYTES = 192 * 1024  # one AI core's Unified Buffer on the Atlas A2/A3
 HALVES = (torch.float16, torch.bfloat16)
 
 
@@ -45,12 +48,84 @@ class _Device:
     ``torch_npu.npu.get_device_name()`` gives it. Tests set ``device_name``."""
 
     device_name = "Ascend910B3"
+    jit_compile = False  # torch.npu.set_compile_mode(jit_compile=...); False is torch_npu's default
 
     def get_device_name(self, device=None) -> str:
         return self.device_name
 
+    def is_jit_compile_false(self) -> bool:
+        """torch_npu.npu.is_jit_compile_false() (torch_npu/npu/npu_config.py)."""
+        return not self.jit_compile
+
+
+# ----------------------------------------------------------------------------- graph capture
+class _CaptureMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run while a graph is captured, as NPUGraph/CUDAGraph capture records
+    kernels: what is replayed is the recorded ops on the recorded tensors. A value read on the host
+    during capture (a Python int from a tensor, a sync) would be frozen into the graph, so it is an
+    error here as it is under torch.npu.graph / torch.cuda.graph."""
+
+    HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero"}
+
+    def __init__(self, ops: list):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name in self.HOST_READS:
+            raise ContractError(f"{func._schema.name} reads a device value on the host during graph capture "
+                                "(the captured graph would replay the value of the capture step)")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _copy_into(recorded, result) -> None:
+    if isinstance(recorded, torch.Tensor):
+        if result is not recorded:
+            recorded.copy_(result)
+    elif isinstance(recorded, (tuple, list)):
+        for r, n in zip(recorded, result):
+            _copy_into(r, n)
+
+
+class NPUGraph:
+    """torch.npu.NPUGraph (torch_npu mirrors torch.cuda.CUDAGraph): capture once, replay() reruns
+    the captured ops on the captured buffers; outputs land in the tensors the capture returned."""
+
+    def __init__(self):
+        self._ops: list | None = None
+        self.replays = 0
+
+    def replay(self) -> None:
+        _need(self._ops is not None, "NPUGraph.replay() before capture")
+        for func, args, kwargs, out in self._ops:
+            _copy_into(out, func(*args, **kwargs))
+        self.replays += 1
+
+
+class graph:
+    """torch.npu.graph(npu_graph, pool=None, stream=None): the capture context."""
+
+    def __init__(self, npu_graph: NPUGraph, pool=None, stream=None):
+        self._graph = npu_graph
+        self._ops: list = []
+        self._mode = _CaptureMode(self._ops)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._graph._ops = self._ops
+        return False
+
 
 npu = _Device()
+npu.NPUGraph = NPUGraph
+npu.graph = graph
 
 
 def calls(op: str) -> list[Call]:
@@ -66,8 +141,18 @@ def _not_modelled(what: str) -> None:
     raise NotImplementedError(f"the torch_npu double does not model {what}")
 
 
+def bf16_supported(device_name: str | None = None) -> bool:
+    """c10_npu::IsBF16Supported(): `GetSocVersion() >= SocVersion::Ascend910B1` (Ascend/pytorch
+    torch_npu/csrc/core/npu/NpuVariables.cpp): the 910B1.. (A2), 310B and 910_93 (A3) SoCs; not the
+    original 910 (Ascend910A/ProA/ProB/PremiumA and the plain "Ascend910B"), not the 310P."""
+    name = npu.device_name if device_name is None else device_name
+    return bool(re.match(r"Ascend910B\d|Ascend910_9\d|Ascend310B", name))
+
+
 def _float_dtype(name: str, t: torch.Tensor, allowed=FLOATS) -> None:
     _need(t.dtype in allowed, f"{name}: dtype {t.dtype} not in {[str(d) for d in allowed]}")
+    _need(t.dtype != torch.bfloat16 or bf16_supported(),
+          f"{name}: bfloat16 is not supported on {npu.device_name} (IsBF16Supported() is false below Ascend910B1)")
 
 
 # ----------------------------------------------------------------------------- npu_rms_norm
@@ -108,8 +193,6 @@ def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, ep
     _need(gamma.dtype == x1.dtype, f"npu_add_rms_norm: gamma dtype {gamma.dtype} must equal x1's {x1.dtype}")
     _need(tuple(gamma.shape) == tuple(x1.shape[x1.dim() - gamma.dim():]),
           f"npu_add_rms_norm: gamma shape {tuple(gamma.shape)} is not the trailing dims of x1 {tuple(x1.shape)}")
-    if npu.device_name.startswith("Ascend310"):
-        _need(x1.dtype != torch.bfloat16, "npu_add_rms_norm: the Atlas inference series takes no bfloat16")
     _need(not npu.device_name.startswith(("Ascend910A", "Ascend910Pro")),
           f"npu_add_rms_norm is not supported on {npu.device_name} (Atlas training series)")
     x = x1 + x2  # in the input dtype
@@ -152,6 +235,13 @@ def npu_rotary_mul(self: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotar
     if rotate is not None:
         _not_modelled("npu_rotary_mul's rotate argument")
     _need(rotary_mode in _ROTARY_MUL_TABLES, f"npu_rotary_mul: rotary_mode {rotary_mode!r} is not 'half' or 'interleave'")
+    # op-plugin runs aclnnRotaryPositionEmbedding only from Ascend910B1 on with jit_compile=False;
+    # elsewhere the aclop kernel, which refuses anything but 'half' (RotaryMulKernelNpuOpApi.cpp,
+    # aclops/RotaryMulKernelNpu.cpp). (A CANN without the aclnn op: not modelled.)
+    if rotary_mode != "half":
+        _need(bf16_supported() and not npu.jit_compile,
+              f"npu_rotary_mul in aclop only support rotary_mode with half, but got {rotary_mode} "
+              f"({npu.device_name}, jit_compile={npu.jit_compile})")
     _need(x.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, "npu_rotary_mul: x, r1 and r2 must be 4-D")
     _float_dtype("npu_rotary_mul x", x)
     _need(r1.dtype == x.dtype and r2.dtype == x.dtype, f"npu_rotary_mul: r1/r2 dtype must equal x's {x.dtype}")
@@ -204,6 +294,13 @@ def npu_apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.
           f"npu_apply_rotary_pos_emb: key {tuple(key.shape)} must share b, s, d with query {tuple(query.shape)}")
     _need(tuple(cos.shape) == (b, s, 1, d) and tuple(sin.shape) == (b, s, 1, d),
           f"npu_apply_rotary_pos_emb: cos/sin must be {(b, s, 1, d)}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    # "ub_required = (q_n + k_n) * d * cast_size * 5 + d * dtype_size * 4 + cast * d * 8" must fit
+    # the AI core's UB (CANN op proto nn_other.h, REG_OP(ApplyRotaryPosEmb)); 192 KiB on A2/A3,
+    # taken for every product here (double's choice where the figure is not documented).
+    dtype_size = torch.finfo(query.dtype).bits // 8
+    cast = 1 if query.dtype == torch.bfloat16 else 0
+    ub_required = (query.shape[2] + key.shape[2]) * d * (4 if cast else dtype_size) * 5 + d * dtype_size * 4 + cast * d * 8
+    _need(ub_required <= UB_BYTES, f"npu_apply_rotary_pos_emb: ub_required {ub_required} exceeds the UB ({UB_BYTES} bytes)")
     c, sn = cos.float(), sin.float()
     q_out = query.float() * c + _rotate_half(query.float()) * sn
     k_out = key.float() * c + _rotate_half(key.float()) * sn
@@ -395,6 +492,29 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return values.flatten(-2)  # (k, n)
 
 
+def _is_transposed(t: torch.Tensor) -> bool:
+    """IsTransposeLastTwoDims: a 2-D view whose storage is the contiguous (cols, rows) matrix."""
+    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+
+
+def _antiquant_param_as_read(name: str, t: torch.Tensor, weight_transposed: bool) -> torch.Tensor:
+    """antiquant_scale / antiquant_offset as aclnnWeightQuantBatchMatmulV2 reads them.
+
+    Weight not transposed: the tensor must be contiguous (else ACLNN_ERR_PARAM_INVALID).
+    Weight transposed: the op makes a view with the last two dims swapped over the tensor's storage
+    at its offset, taken as contiguous (CreateTransposedView), whatever the tensor's strides: the
+    transposed view of a contiguous (N, G) reads right; a contiguous (G, N) with G > 1 is read as
+    another matrix, silently. 1-D tensors are taken as they are."""
+    if not weight_transposed:
+        _need(t.is_contiguous(), f"only support {name} tensor is contiguous or transpose last two dims. "
+                                 f"({name} {tuple(t.shape)} strides {t.stride()} next to a contiguous weight)")
+        return t
+    if t.dim() == 1:
+        return t
+    rows, cols = t.shape
+    return t.as_strided((cols, rows), (rows, 1), t.storage_offset()).t()  # what the kernel reads, (rows, cols)
+
+
 def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
                                  quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0,
                                  weight_dtype=None):
@@ -404,7 +524,9 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
 
     y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias, in x's dtype.
     x: 2-D (M, K) float16/bfloat16. weight: (K, N) int8 (a transposed view is fine), or int32
-    (K, N/8) from npu_convert_weight_to_int4pack. K, N in [1, 65535]. antiquant_scale: x's dtype,
+    (K, N/8) from npu_convert_weight_to_int4pack. The scale's layout must follow the weight's: a
+    contiguous scale next to a contiguous weight; next to a transposed weight the scale's storage
+    is read as the contiguous (N, G) (see _antiquant_param_as_read). K, N in [1, 65535]. antiquant_scale: x's dtype,
     (1,)/(1, 1) per tensor, (N,)/(1, N) per channel, (ceil(K/g), N) per group with g =
     antiquant_group_size a multiple of 32 in [32, K-1]; antiquant_offset: scale's shape and dtype.
     bias: (N,) or (1, N), contiguous, float32 with bfloat16 x, float16 with float16 x."""
@@ -420,6 +542,9 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
     M, K = x.shape
     _need(M >= 1, "empty x")
     _need(weight.dim() == 2, f"weight must be 2-D, got {tuple(weight.shape)}")
+    weight_transposed = _is_transposed(weight)
+    _need(weight_transposed or weight.is_contiguous(),
+          "only support weight tensor is contiguous or transpose last two dims.")
     if weight.dtype == torch.int8:
         _need(weight.shape[0] == K, f"weight must be (K, N) = ({K}, N); got {tuple(weight.shape)} "
                                     "(an (N, K) linear weight must be passed transposed)")
@@ -442,14 +567,21 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
         _need(g % 32 == 0 and 32 <= g <= K - 1, f"antiquant_group_size {g} must be a multiple of 32 in [32, K-1={K - 1}]")
         _need(shape == (math.ceil(K / g), N), f"per-group antiquant_scale must be (ceil(K/g), N) = "
                                               f"({math.ceil(K / g)}, {N}), got {shape}")
-        scale = antiquant_scale.float().repeat_interleave(g, dim=0)[:K]  # (K, N)
     else:
         _need(shape in ((1,), (1, 1), (N,), (1, N)), f"antiquant_scale {shape}: per tensor (1,), per channel (N,) or (1, N)")
-        scale = antiquant_scale.float().reshape(1, -1)
     if antiquant_offset is not None:
         _need(tuple(antiquant_offset.shape) == shape and antiquant_offset.dtype == antiquant_scale.dtype,
               "antiquant_offset must have antiquant_scale's shape and dtype")
-        offset = antiquant_offset.float()
+    # The scale's (and offset's) layout follows the weight's, as aclnnWeightQuantBatchMatmulV2 reads
+    # them on A2/A3/310P (hicann/ops-nn matmul/weight_quant_batch_matmul_v2/op_host/op_api/
+    # aclnn_weight_quant_batch_matmul_v2.cpp: AntiQuantScaleAndOffsetContiguousCheck, CheckContiguous).
+    antiquant_scale = _antiquant_param_as_read("antiquant_scale", antiquant_scale, weight_transposed)
+    if g:
+        scale = antiquant_scale.float().repeat_interleave(g, dim=0)[:K]  # (K, N)
+    else:
+        scale = antiquant_scale.float().reshape(1, -1)
+    if antiquant_offset is not None:
+        offset = _antiquant_param_as_read("antiquant_offset", antiquant_offset, weight_transposed).float()
         values = values + (offset.repeat_interleave(g, dim=0)[:K] if g else offset.reshape(1, -1))
     if bias is not None:
         want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16

@@ -1,6 +1,7 @@
 """glmrt._native_cpu.rms_norm against the torch reference, over odd shapes and every dtype."""
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def test_native_module_is_built_when_required():
         assert native is not None, why
 
 
-needs_native = pytest.mark.skipif(native is None, reason=f"native CPU module not built: {why}")
+needs_native = pytest.mark.glmrt_native(available=native is not None, reason=f"native CPU module not built: {why}")
 
 
 def norm_node(cols, dtype, round_before_weight):
@@ -31,7 +32,7 @@ def norm_node(cols, dtype, round_before_weight):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 7), (2, 5, 64), (1, 2, 4096), (3, 1, 13696)])
 @pytest.mark.parametrize("round_before_weight", [False, True])
 def test_native_rms_norm_matches_reference(dtype, shape, round_before_weight):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype))).encode()))  # the same in every process
     x = (3 * torch.randn(shape, generator=g)).to(dtype)
     w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(dtype)
     node = norm_node(shape[-1], dtype, round_before_weight)

@@ -25,7 +25,7 @@ from glmrt.graph import Node, ValueSpec
 
 native, why = _native.load("_native_cpu")
 HAVE_KERNELS = native is not None and all(hasattr(native, f) for f in ("layer_norm", "rope", "attention"))
-needs_native = pytest.mark.skipif(not HAVE_KERNELS, reason=f"native CPU module without these kernels: {why}")
+needs_native = pytest.mark.glmrt_native(available=HAVE_KERNELS, reason=f"native CPU module without these kernels: {why}")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {d: torch.finfo(d).eps for d in DTYPES}  # one ulp at 1.0

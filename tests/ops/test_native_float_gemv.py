@@ -16,8 +16,8 @@ from glmrt import _native, ops
 from glmrt.graph import Node, ValueSpec
 
 native, why = _native.load("_native_cpu")
-pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "linear_float"),
-                                reason=f"native CPU module with linear_float not built: {why}")
+pytestmark = pytest.mark.glmrt_native(available=native is not None and hasattr(native, "linear_float"),
+                                      reason=f"native CPU module with linear_float not built: {why}")
 
 HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff
 
@@ -101,8 +101,13 @@ def test_linear_kernel_mixed_dtypes_take_the_reference():
     x = torch.randn(1, 1, 32).to(torch.bfloat16)
     params = {"weight": torch.randn(8, 32)}  # float32 weight under bf16 activations
     node = linear_node(32, 8, torch.bfloat16)
-    with pytest.raises(RuntimeError):  # what torch itself does with the mix: the reference path ran
+    # The reference path ran: the kernel raises torch's own error for the mix, word for word (not
+    # some other RuntimeError, e.g. from a native kernel handed the wrong dtype).
+    with pytest.raises(RuntimeError) as torch_error:
+        ops.linear(None, node, [x], params)
+    with pytest.raises(RuntimeError) as kernel_error:
         _kernel("linear").fn(None, node, [x], params)
+    assert str(kernel_error.value) == str(torch_error.value)
 
 
 def test_supports_refuses_quantized_and_float64():

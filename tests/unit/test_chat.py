@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from glmrt.chat import (CHATGLM3_TOOL_SYSTEM_PROMPT, StreamDecoder, build_prompt, observation_message, parse_reply,
+from glmrt.chat import (StreamDecoder, build_prompt, observation_message, parse_reply,
                         stop_ids)
 from glmrt.errors import ConfigError, InputError
 from glmrt.tokenizer import load_tokenizer
@@ -165,7 +165,10 @@ def test_chatglm3_tools_tool_call_and_observation(chatglm3, sp_dir):
         {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
         observation_message({"temp": 22}),
     ]
-    system_text = CHATGLM3_TOOL_SYSTEM_PROMPT + "\n" + json.dumps([WEATHER], indent=4, ensure_ascii=False)
+    # The release's tool system message (THUDM/ChatGLM3 PROMPT_en.md, "Tool Calling"), written here,
+    # not imported from the code under test: the fixed sentence, a newline, the tools as JSON.
+    release_tool_prompt = "Answer the following questions as best as you can. You have access to the following tools:"
+    system_text = release_tool_prompt + "\n" + json.dumps([WEATHER], indent=4, ensure_ascii=False)
     expected = ([n + 1, n + 3]
                 + [system] + sp.encode("\n") + sp.encode(system_text)
                 + [user] + sp.encode("\n") + sp.encode("北京天气")

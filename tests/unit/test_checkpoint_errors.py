@@ -182,7 +182,9 @@ def test_missing_weights(tmp_path):
     with pytest.raises(CheckpointError) as e:
         _load(d)
     msg = str(e.value)
-    assert any(s in msg for s in ("model.safetensors", "pytorch_model.bin", "weight")), msg
+    # names the directory, says there are no weights and which files it looked for
+    assert str(d) in msg and "no weights" in msg, msg
+    assert all(name in msg for name in ("model.safetensors", "pytorch_model.bin")), msg
 
 
 def test_nonexistent_directory(tmp_path):

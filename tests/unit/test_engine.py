@@ -197,7 +197,8 @@ def test_engine_thread_serves_generate():
 
 
 # ----------------------------------------------------------------------------- kernels under the engine
-needs_native = pytest.mark.skipif(_native.load("_native_cpu")[0] is None, reason="glmrt._native_cpu is not built")
+needs_native = pytest.mark.glmrt_native(available=_native.load("_native_cpu")[0] is not None,
+                                        reason="glmrt._native_cpu is not built")
 
 
 @needs_native

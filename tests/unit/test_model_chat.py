@@ -72,8 +72,11 @@ def test_chat_matches_generate_on_the_release_prompt(fixture, request):
     prompt = build_prompt(model.chat_family, model.tokenizer, messages)
     stops = stop_ids(model.chat_family, model.tokenizer)
     out = model.generate([prompt], 12, eos_token_id=stops)[0, len(prompt):].tolist()
-    expected = [t for t in out if t not in stops][: len(reply["token_ids"])]
-    assert reply["token_ids"] == expected
+    # The whole reply: every token generate gives up to its first stop id (which chat drops), or all
+    # 12 when none comes -- an early end of chat, or a token past the stop, fails.
+    first_stop = next((i for i, t in enumerate(out) if t in stops), len(out))
+    assert out[first_stop + 1:] == [], "generate ran past a stop id"
+    assert reply["token_ids"] == out[:first_stop]
     streamed = "".join(model.chat_stream(messages, max_new_tokens=12))
     assert streamed == model.tokenizer.decode(reply["token_ids"])
 

@@ -446,25 +446,37 @@ def test_quantize_command_round_trip_is_identical(fp_source, bits, group, tmp_pa
                                               for m in ("attn.qkv", "attn.dense", "mlp.up", "mlp.down"))
     assert (dst / "tokenizer_config.json").is_file()
     assert summary["files"][0] == "model.safetensors"
+    # Every stored weight against the published scheme, recomputed here from the float source
+    # (reference: GLM_FAMILY.md's symmetric scheme, this file's own int4 unpacking): per row, or per
+    # group of `group` columns (the last group may be short), s = max|w| / qmax in the stored scale
+    # dtype, q = clamp(round(w / s), -qmax, qmax) exactly (round half to even), |q s - w| <= s / 2.
+    src_weights = glmrt.load(str(fp_source), dtype="float32", progress=False).weights
+    qmax = 2 ** (bits - 1) - 1
     with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
         assert meta["glmrt_format"] == "glmrt-weight-only" and meta["glmrt_format_version"] == "1"
-        w = f.get_tensor("layers.0.mlp.down.weight")
-        s = f.get_tensor("layers.0.mlp.down.weight_scale")
-    # stored values are the published scheme, checked with this file's own unpacking
-    src = glmrt.load(str(fp_source), dtype="float32", progress=False).weights["layers.0.mlp.down.weight"]
-    n, k = src.shape
-    vals = extract_int4(w)[:, :k] if bits == 4 else w
-    qmax = 2 ** (bits - 1) - 1
-    if group == 0:
-        assert s.shape == (n,)
-        assert torch.allclose(s, src.abs().amax(1) / qmax)
-        scale_full = s[:, None].expand(n, k)
-    else:
-        assert s.shape == (n, math.ceil(k / group))
-        scale_full = s.repeat_interleave(group, dim=1)[:, :k]
-    assert vals.abs().max() <= qmax
-    assert (vals.float() * scale_full - src).abs().max() <= 0.5 * scale_full.max() + 1e-6
+        for module in entry["modules"]:
+            w = f.get_tensor(f"{module}.weight")
+            s = f.get_tensor(f"{module}.weight_scale")
+            src = src_weights[f"{module}.weight"].float()
+            n, k = src.shape
+            vals = (extract_int4(w)[:, :k] if bits == 4 else w).long()
+            assert vals.shape == (n, k)
+            if group == 0:
+                want_scale = src.abs().amax(1) / qmax  # (N,)
+                assert s.shape == (n,)
+                scale_full = s.float()[:, None].expand(n, k)
+            else:
+                g = math.ceil(k / group)
+                padded = torch.nn.functional.pad(src.abs(), (0, g * group - k))
+                want_scale = padded.view(n, g, group).amax(2) / qmax  # (N, G), the last group short
+                assert s.shape == (n, g)
+                scale_full = s.float().repeat_interleave(group, dim=1)[:, :k]
+            assert torch.equal(s, want_scale.to(s.dtype)), f"{module}: scales are not max|w| / {qmax} per group"
+            want_q = torch.round(src / scale_full.clamp(min=torch.finfo(torch.float32).tiny)).clamp(-qmax, qmax)
+            assert torch.equal(vals, want_q.long()), f"{module}: {(vals != want_q.long()).sum()} values differ"
+            err = (vals.float() * scale_full - src).abs()
+            assert bool((err <= scale_full / 2 * (1 + 1e-6) + 1e-12).all()), f"{module}: |q s - w| > s/2"
 
     # Loading never quantizes float weights again, and the logits are bit-identical.
     on_load = glmrt.load(str(fp_source), dtype="float32", quantize=f"int{bits}" + (f"-g{group}" if group else ""),

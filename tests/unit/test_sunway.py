@@ -31,7 +31,8 @@ from glmrt.lowering import lower
 from glmrt.quant import pack_int4, quantize_graph, quantize_weight
 
 native, why_not_built = _native.load("_native_sunway")
-needs_native = pytest.mark.skipif(native is None, reason=f"glmrt._native_sunway not built: {why_not_built}")
+needs_native = pytest.mark.glmrt_native(available=native is not None,
+                                        reason=f"glmrt._native_sunway not built: {why_not_built}")
 
 LDM = 256 * 1024
 
@@ -132,30 +133,32 @@ def test_ldm_constants():
     assert 1 <= native.host_threads() <= 64
 
 
-def _round_up(x, m):
-    return -(-x // m) * m
-
-
-def _expected_linear_bytes(plan):
-    """The working set of one tile, recomputed from the tile sizes (64-byte rounded buffers)."""
-    def alloc(n):
-        return _round_up(n, 64)
-    tm, tn, tk = plan["tile_m"], plan["tile_n"], plan["tile_k"]
-    kp = _round_up(tk, 16)
-    group = plan["group_size"]
-    scales = 0 if plan["bits"] == 0 else (1 if group == 0 else -(-tk // group))
-    return {"a": alloc(4 * tm * kp), "b": alloc(4 * _round_up(tn, 4) * kp), "c": alloc(4 * tm * _round_up(tn, 4)),
-            "stage": alloc(4 * 8 * tk), "scales": alloc(4 * tn * scales) if scales else 0, "bias": alloc(4 * tn)}
+def _run_linear(bits, group, M, N, K, dtype=torch.float32):
+    """One call of sunway.tiled_linear; returns the LDM bytes its busiest worker actually held."""
+    x = torch.randn(1, M, K).to(dtype)
+    w = (0.05 * torch.randn(N, K)).to(dtype)
+    params = {"weight": w, "bias": torch.zeros(N, dtype=dtype)}
+    if bits:
+        params["weight"], params["scale"] = quantize_weight(w, bits, group, dtype)
+    node = _linear_node(M, N, K, dtype, (bits, group) if bits else None, bias=True)
+    kernel = next(k for k in get_backend("sunway").kernels() if k.name == "sunway.tiled_linear")
+    assert kernel.supports(node) is None
+    kernel.fn(None, node, [x], params)
+    return native.last_ldm_peak()
 
 
 @needs_native
 @pytest.mark.parametrize("bits,group", [(0, 0), (8, 0), (4, 0), (8, 32), (4, 32), (4, 64), (4, 128), (8, 256)])
 def test_every_linear_tile_fits_the_ldm(bits, group):
+    """Every shape of the sweep is planned, and for every tile variant the planner picks on it
+    ((tile_m, tile_n, tile_k), which alone sizes a worker's buffers) the cheapest shape that gets it
+    is RUN: the LDM its busiest logical worker actually held (last_ldm_peak) must be the plan's
+    count and within the budget -- the plan's arithmetic is not trusted on its own."""
+    cheapest = {}
     for M in (1, 2, 7, 32, 33, 100, 4096):
         for N in (1, 9, 128, 129, 4608, 13696, 65024, 151552):
             for K in (1, 45, 255, 256, 257, 4096, 13696):
                 plan = native.linear_plan(bits, M, N, K, group)
-                assert plan["buffer_bytes"] == _expected_linear_bytes(plan), plan
                 assert plan["ldm_bytes"] == sum(plan["buffer_bytes"].values())
                 assert plan["fits"] and plan["ldm_bytes"] <= native.LDM_TILE_BUDGET < LDM, plan
                 assert plan["tile_m"] <= native.TILE_M and plan["tile_n"] <= native.TILE_N_MAX
@@ -163,6 +166,19 @@ def test_every_linear_tile_fits_the_ldm(bits, group):
                 assert plan["tiles"] == -(-M // plan["tile_m"]) * -(-N // plan["tile_n"])
                 if group:
                     assert native.TILE_K % group == 0 or plan["k_slices"] == 1  # a slice never cuts a group
+                tile = (plan["tile_m"], plan["tile_n"], plan["tile_k"])
+                if tile not in cheapest or M * N * K < cheapest[tile][0] * cheapest[tile][1] * cheapest[tile][2]:
+                    cheapest[tile] = (M, N, K, plan["ldm_bytes"])
+    # A worker's buffers grow with each tile size, so the tiles no other tile dominates bound all
+    # the others: those are run (with the smallest tiles, for the kernel's small-shape paths).
+    def dominated(t):
+        return any(o != t and all(a >= b for a, b in zip(o, t)) for o in cheapest)
+    run = [t for t in cheapest if not dominated(t)] + [min(cheapest)]
+    for tile in sorted(set(run)):
+        M, N, K, planned = cheapest[tile]
+        used = _run_linear(bits, group, M, N, K)
+        assert used == planned <= native.LDM_TILE_BUDGET, (tile, (M, N, K), used, planned)
+    assert max(cheapest[t][3] for t in run) > native.LDM_TILE_BUDGET // 2  # the big tiles ran
 
 
 @needs_native
@@ -183,9 +199,20 @@ def test_unsupported_group_sizes_are_refused_by_the_planner():
 @needs_native
 @pytest.mark.parametrize("cols", [1, 7, 4096, 4097, 13696, 151552])
 def test_norm_chunks_fit_the_ldm(cols):
+    """Planned and RUN: the arena bytes the norm kernels actually held (last_ldm_peak) within the
+    plan's count and the budget."""
     plan = native.norm_plan(3, cols, True)
     assert plan["chunk"] <= native.NORM_CHUNK and plan["chunks"] == -(-cols // plan["chunk"])
     assert plan["ldm_bytes"] == sum(plan["buffer_bytes"].values()) <= native.LDM_TILE_BUDGET
+    kernel = next(k for k in get_backend("sunway").kernels() if k.name == "sunway.tiled_norm")
+    x = torch.randn(1, 3, cols)
+    for kind, has_bias in (("layernorm", True), ("rmsnorm", False)):
+        params = {"weight": torch.ones(cols), **({"bias": torch.zeros(cols)} if has_bias else {})}
+        node = Node("n", "norm", ["x"], ["y"], {}, {"kind": kind, "eps": 1e-5, "round_before_weight": False},
+                    [ValueSpec(("B", "T", cols), torch.float32)], [ValueSpec(("B", "T", cols), torch.float32)])
+        kernel.fn(None, node, [x], params)
+        used = native.last_ldm_peak()
+        assert 0 < used <= native.norm_plan(3, cols, has_bias)["ldm_bytes"] <= native.LDM_TILE_BUDGET, (kind, used)
 
 
 # ----------------------------------------------------------------------------- kernels vs reference
@@ -288,6 +315,9 @@ def test_glmrt_check_passes_for_sunway():
             assert kernels[name]["status"] == "pass" and kernels[name]["cases"] > 0
     model = {row["kernel"]: row for row in result["model"]}
     assert model["logits"]["status"] == "pass" and model["greedy 8 tokens"]["status"] == "pass"
+    greedy = model["greedy 8 tokens"]  # every token the argmax except at counted near-ties
+    assert greedy["cases"] == 16 and greedy["argmax"] + greedy["near_tie_flips"] == 16
+    assert greedy["near_tie_flips"] <= greedy["near_ties"] and "near-ties" in greedy["detail"]
     assert not [row for row in result["kernels"] if row["status"] == "fallback"]
 
 

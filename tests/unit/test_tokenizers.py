@@ -60,10 +60,22 @@ def test_chatglm6b_rewrites_newlines_tabs_and_space_runs(ice_dir):
     assert tok.encode("x" + " " * 160 + "y") == sp.encode("x<|blank_80|><|blank_80|>y")
 
 
+def _ice_preprocess(text: str, max_blank: int = 80) -> str:
+    """ChatGLM-6B's SPTokenizer._preprocess: newline -> <n>, then tab -> <|tab|> and runs of
+    max_blank..2 spaces -> <|blank_N|> (longest first), what sentencepiece then encodes."""
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    for n in range(max_blank, 1, -1):
+        text = text.replace(" " * n, f"<|blank_{n}|>")
+    return text
+
+
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS + ["x" + " " * 85 + "y"])
 def test_chatglm6b_decode_round_trips(ice_dir, text):
+    """Reference: sentencepiece on the release's preprocessed text; then decode gives the text back."""
     tok = load_tokenizer(ice_dir, "chatglm-6b")
-    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(text)
+    assert ids == _sp(ice_dir / "ice_text.model").encode(_ice_preprocess(text))
+    assert tok.decode(ids) == text
 
 
 def test_chatglm6b_image_offset_from_tokenizer_config(ice_dir, tmp_path):
@@ -164,8 +176,12 @@ def test_chatglm3_special_text_is_never_a_special_token(sp_dir):
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_chatglm3_decode_round_trips(sp_dir, text):
+    """Reference: sentencepiece itself (ChatGLM3 encodes the text as it is); decode gives it back."""
     tok = load_tokenizer(sp_dir, "chatglm3")
-    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(text)
+    sp = _sp(sp_dir / "tokenizer.model")
+    assert ids == sp.encode(text)
+    assert tok.decode(ids) == text == sp.decode(ids)
 
 
 def test_chatglm3_decode_specials(sp_dir):
@@ -229,8 +245,13 @@ def test_hf_prefix_comes_from_the_post_processor(hf_dir):
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_hf_decode_round_trips(hf_dir, text):
+    """Reference: the tokenizers library on the same tokenizer.json (no specials added)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    reference = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     tok = load_tokenizer(hf_dir, "hf")
-    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(text)
+    assert ids == reference.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == text
 
 
 def test_hf_special_text_stays_text_unless_allowed(hf_dir):
