@@ -41,6 +41,9 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
      (expf and the fp32 sums may move one rounding of a probability). And the plan wrapper (cache
      write, strides, mask broadcast, prefill fallback) on the emulated kernel against
      glmrt.ops.attention on CPU tensors. Its supports() predicate and argument errors need no GPU.
+     The other plan wrappers (norms, fused residual norms, RoPE: their shared steps, dtype codes,
+     contiguous operands, absent operands as null pointers) run there too, on CPU tensors, against
+     glmrt.ops.
 
 2. Kernel conformance, which needs a GPU (skipped otherwise, with the reason). On a CUDA machine
    it tests glmrt._native_cuda through the cuda backend; on a ROCm / DTK torch, glmrt._native_hip
@@ -1199,6 +1202,67 @@ def test_emulated_quant_linear_prefill_wrapper(emulated, monkeypatch):
     wrapper.quant_linear(None, linear_node(64, 5, torch.float32, 8, 0, bias=False), [x.view(1, 2, 64)],
                          {"weight": stored, "scale": scale})
     assert log.calls == ["linear_int8"]
+
+
+def test_emulated_row_and_rope_plan_wrappers(emulated, monkeypatch):
+    """The plan wrappers of the norms, the fused residual norms and RoPE (their shared steps: the
+    dtype codes, contiguous operands, outputs, optional operands as null pointers, device and
+    stream) on the emulated kernels, on CPU tensors, against glmrt.ops: h and q / k bit for bit,
+    normed outputs within one ulp; non-contiguous inputs, absent and present biases, weights in
+    another dtype than the activations, h emitted or not, and the three RoPE kinds."""
+    from glmrt.backends.cuda import kernels as gpu_kernels
+
+    wrapper = gpu_kernels.NativeGpuKernels("_native_cuda")
+    monkeypatch.setattr(wrapper, "module", lambda: (emulated, ""))
+    monkeypatch.setattr(gpu_kernels, "_stream", lambda device: 0)
+    g = torch.Generator().manual_seed(21)
+    for dtype in DTYPES:
+        for w_dtype in {dtype, torch.float32}:
+            wide = (3 * torch.randn(2, 3, 70, generator=g) + 0.5).to(dtype)
+            x = wide[..., :65]  # (2, 3, 65), not contiguous
+            branch = torch.randn(2, 3, 65, generator=g).to(dtype)
+            w = (1 + 0.2 * torch.randn(65, generator=g)).to(w_dtype)
+            b = (0.3 * torch.randn(65, generator=g)).to(w_dtype)
+            for rbw in (False, True):
+                node = norm_node(65, dtype, rbw)
+                got, want = wrapper.rms_norm(None, node, [x], {"weight": w}), ops.norm(None, node, [x], {"weight": w})
+                _assert_within_one_ulp(got, want, dtype, f"rms_norm wrapper {dtype} w {w_dtype} rbw={rbw}")
+                for emit in (True, False):
+                    node = residual_norm_node(65, dtype, rbw, alpha=(2 * 28) ** 0.5, emit_residual=emit)
+                    got = wrapper.residual_rms_norm(None, node, [x, branch], {"weight": w})
+                    want = ops.residual_norm(None, node, [x, branch], {"weight": w})
+                    what = f"residual_rms_norm wrapper {dtype} w {w_dtype} rbw={rbw} emit={emit}"
+                    if emit:
+                        assert torch.equal(got[0], want[0]), f"{what}: h {_first_mismatch(got[0], want[0])}"
+                        got, want = got[1], want[1]
+                    _assert_within_one_ulp(got, want, dtype, what)
+            if w_dtype != dtype:  # torch's CPU layer_norm takes a weight unlike the activations; keep to its own
+                continue
+            for params in ({"weight": w}, {"weight": w, "bias": b}):
+                node = norm_node(65, dtype, False, kind="layernorm")
+                got, want = wrapper.layer_norm(None, node, [x], params), ops.norm(None, node, [x], params)
+                _assert_within_one_ulp(got, want, dtype, f"layer_norm wrapper {dtype} bias={'bias' in params}")
+                for emit in (True, False):
+                    node = residual_norm_node(65, dtype, False, alpha=(2 * 70) ** 0.5, emit_residual=emit,
+                                              kind="layernorm")
+                    got = wrapper.residual_layer_norm(None, node, [x, branch], params)
+                    want = ops.residual_norm(None, node, [x, branch], params)
+                    what = f"residual_layer_norm wrapper {dtype} bias={'bias' in params} emit={emit}"
+                    if emit:
+                        assert torch.equal(got[0], want[0]), f"{what}: h {_first_mismatch(got[0], want[0])}"
+                        got, want = got[1], want[1]
+                    _assert_within_one_ulp(got, want, dtype, what)
+        for kind in ROPE_KINDS:
+            b_, t, nh, nkv, hd, rd = (2, 3, 4, 2, 8, 8) if kind == "2d" else (2, 3, 4, 2, 8, 4)
+            node = rope_node(nh, nkv, hd, rd, dtype, kind=kind)
+            qkv, positions = _rope_inputs(b_, t, nh, nkv, hd, rd, dtype, g, kind=kind)
+            wide = torch.zeros(b_, t, qkv.shape[-1] + 6, dtype=dtype)
+            wide[..., :qkv.shape[-1]] = qkv
+            sliced = wide[..., :qkv.shape[-1]]  # not contiguous
+            got = wrapper.rope(ops.ForwardContext(positions=positions, allowed=None), node, [sliced], {})
+            want = ops.rope(ops.ForwardContext(positions=positions, allowed=None), node, [qkv], {})
+            for name, a, c in zip("qkv", got, want):
+                assert a.shape == c.shape and torch.equal(a, c), f"rope wrapper {kind} {dtype}: {name} {_first_mismatch(a, c)}"
 
 
 @pytest.mark.parametrize("round_before_weight", [False, True])
