@@ -34,11 +34,14 @@ Kernels:
     group-wise scales (g a multiple of 32), optional bias, any M. Decode (the activations have at
     most :data:`GEMV_MAX_M` rows, batch * new tokens; graph shapes carry the symbols B and T, so
     that is decided per call): the W8A16 / W4A16 GEMV. Prefill (more rows) is NOT a fused
-    quantized GEMM: one native launch dequantizes the weight into a torch-allocated (N, K) buffer
-    in the activations' dtype, then torch's F.linear multiplies it (cuBLAS / hipBLAS). The
-    dequantized weight equals glmrt.quant.dequantize bit for bit (the fp32 product q * scale,
-    rounded once to the model dtype), and the GEMM is the call glmrt.ops.linear makes, so prefill
-    gives the reference's numbers; the buffer is transient (N * K elements per call).
+    quantized GEMM: one native launch dequantizes the weight into an (N, K) buffer in the
+    activations' dtype, then torch's F.linear multiplies it (cuBLAS / hipBLAS). The buffer is a
+    view of one workspace per forward pass, device and dtype, reused by every quantized linear of
+    the pass and grown as needed (_dequantize_buffer says why that is safe, under graph capture
+    too, and what a fused quantized GEMM would gain). The dequantized weight equals
+    glmrt.quant.dequantize bit for bit (the fp32 product q * scale, rounded once to the model
+    dtype), and the GEMM is the call glmrt.ops.linear makes, so prefill gives the reference's
+    numbers.
   * ``native.attention`` (op ``attention``): decode attention over the KV cache (eager slice or
     the static cache of graph capture), GQA / MQA, both GLM scalings (standard and GLM-130B /
     ChatGLM-6B's layer-scaled), any boolean mask (causal, GLM's bidirectional prefix, padding),
@@ -119,6 +122,42 @@ def _pointer_or_value(arg):
     if isinstance(arg, torch.Tensor):
         return arg.data_ptr()
     return 0 if arg is None else arg
+
+
+def _dequantize_buffer(ctx, n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (N, K) buffer that the prefill of a quantized linear dequantizes its weight into.
+
+    One workspace per forward pass, device and dtype (``ctx.memo``, where ops.rope keeps its
+    tables), grown when a larger linear comes: every quantized linear of a prefill reuses it (a
+    ChatGLM3-6B prefill makes two allocations, at its first qkv and first MLP up-projection,
+    instead of one per linear, 112). Reuse is safe: the dequantize
+    and the GEMM that reads it are queued on the pass's stream, so the next dequantize runs after
+    the GEMM; a workspace that is replaced goes back to torch's stream-ordered caching allocator.
+    Under CUDA / HIP graph capture it is allocated inside the capture (from the graph's private
+    pool, as every intermediate of the captured pass), so a replay never writes into memory that
+    an eager pass owns; and since each pass has its own ctx, two generations in flight on two
+    threads never share one. Without a ctx (kernels called directly): a fresh buffer.
+
+    What a fused quantized GEMM would gain (none is written here): this path writes the
+    dequantized weight (2 N K bytes in fp16 / bf16) and the GEMM reads it back (2 N K more), on top
+    of the 0.5 N K (int4) or N K (int8) bytes of the weight itself, so int4 prefill moves about 9x
+    the weight bytes a kernel that dequantizes tiles in registers / shared memory before the
+    tensor cores (Marlin, the int4 kernels of gpt-fast / TensorRT-LLM) would move, plus one launch
+    per linear. With an H200's measured ceilings (a 4.3 TB/s copy, ~800 TFLOP/s fp16 products) the
+    round trip of 4 N K bytes takes about 0.8x as long as the GEMM's 2 M N K flops at M = 512
+    prompt tokens and a fifth of it at 2048: a fused kernel would make int4 prefill up to ~1.8x
+    faster at 512 tokens and ~1.2x at 2048 (an estimate; benchmarks/cuda_decode.py measures fp16
+    against int4 prefill at both lengths), and would need no (N, K) buffer."""
+    numel = n * k
+    memo = getattr(ctx, "memo", None)
+    if memo is None:
+        return torch.empty((n, k), dtype=dtype, device=device)
+    key = ("quant_prefill_workspace", device, dtype)
+    buffer = memo.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        memo[key] = buffer
+    return buffer[:numel].view(n, k)
 
 
 def _row_spec_refusal(node, name: str) -> str | None:
@@ -393,8 +432,8 @@ class NativeGpuKernels:
         # weight: (N, K) int8 or (N, ceil(K/2)) packed int4; scale: (N,) or (N, ceil(K/g))
         weight, scale = _dense(weight, scale)
         if rows > GEMV_MAX_M:
-            # Prefill: dequantize once (one native launch into a torch buffer), then cuBLAS.
-            w = torch.empty((n, k), dtype=x.dtype, device=x.device)  # (N, K)
+            # Prefill: dequantize once (one native launch into the pass's reused workspace), then cuBLAS.
+            w = _dequantize_buffer(ctx, n, k, x.dtype, x.device)  # (N, K)
             self._launch(f"dequantize_int{bits}", x.device, weight, scale, _code(scale), w, _code(w), n, k, group)
             return torch.nn.functional.linear(x, w, bias)
         x, bias = _dense(x, bias)
