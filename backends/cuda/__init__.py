@@ -32,9 +32,11 @@ class CUDABackend(Backend):
 
     def verification(self) -> Verification:
         return Verification("compile-verified", "glmrt._native_cuda builds with nvcc 13 for sm_80/86/89/90 (a "
-                                                "build with GLMRT_REQUIRE_CUDA_BUILD=1 checks it); on a GPU machine "
-                                                "tests/ops/test_native_gpu.py checks its kernels against the torch "
-                                                "reference")
+                                                "build with GLMRT_REQUIRE_CUDA_BUILD=1 checks it) and its kernels "
+                                                "pass a host emulation at warp 32; not yet run on a GPU: "
+                                                "benchmarks/configs/gpu-check.sh is the prepared run (build, glmrt "
+                                                "check, the conformance and parity tests, the decode benchmark), "
+                                                "rehearsed on a CPU only")
 
     def capabilities(self) -> Capabilities:
         return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), graph_capture=True,

@@ -34,11 +34,14 @@ Kernels:
     group-wise scales (g a multiple of 32), optional bias, any M. Decode (the activations have at
     most :data:`GEMV_MAX_M` rows, batch * new tokens; graph shapes carry the symbols B and T, so
     that is decided per call): the W8A16 / W4A16 GEMV. Prefill (more rows) is NOT a fused
-    quantized GEMM: one native launch dequantizes the weight into a torch-allocated (N, K) buffer
-    in the activations' dtype, then torch's F.linear multiplies it (cuBLAS / hipBLAS). The
-    dequantized weight equals glmrt.quant.dequantize bit for bit (the fp32 product q * scale,
-    rounded once to the model dtype), and the GEMM is the call glmrt.ops.linear makes, so prefill
-    gives the reference's numbers; the buffer is transient (N * K elements per call).
+    quantized GEMM: one native launch dequantizes the weight into an (N, K) buffer in the
+    activations' dtype, then torch's F.linear multiplies it (cuBLAS / hipBLAS). The buffer is a
+    view of one workspace per forward pass, device and dtype, reused by every quantized linear of
+    the pass and grown as needed (_dequantize_buffer says why that is safe, under graph capture
+    too, and what a fused quantized GEMM would gain). The dequantized weight equals
+    glmrt.quant.dequantize bit for bit (the fp32 product q * scale, rounded once to the model
+    dtype), and the GEMM is the call glmrt.ops.linear makes, so prefill gives the reference's
+    numbers.
   * ``native.attention`` (op ``attention``): decode attention over the KV cache (eager slice or
     the static cache of graph capture), GQA / MQA, both GLM scalings (standard and GLM-130B /
     ChatGLM-6B's layer-scaled), any boolean mask (causal, GLM's bidirectional prefix, padding),
@@ -56,9 +59,10 @@ Kernels:
     supports() refuses nodes whose concrete T exceeds it.
   Unquantized linears stay on cuBLAS (torch); supports() says so.
 
-The wrappers pass raw device pointers, the device index and the current torch stream
-(``torch.cuda.current_stream().cuda_stream``, also a HIP stream on ROCm torch), never synchronize
-and allocate outputs with torch, so they run inside CUDA / HIP graph capture.
+The wrappers share their steps (a dtype check that falls back to the reference op, operands made
+contiguous, outputs allocated with torch, then NativeGpuKernels._launch): they pass raw device
+pointers, the device index and the current torch stream (``torch.cuda.current_stream().cuda_stream``,
+also a HIP stream on ROCm torch), never synchronize, so they run inside CUDA / HIP graph capture.
 """
 
 from __future__ import annotations
@@ -89,6 +93,71 @@ ROPE_TABLE_DTYPES = ("float32", "float16")
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
+
+
+# ---------------------------------------------------------------------- the wrappers' common steps
+def _native_dtypes(*tensors) -> bool:
+    """Whether every operand (None: an absent optional one) is in a dtype the kernels take."""
+    return all(t is None or t.dtype in _native.DTYPE_CODES for t in tensors)
+
+
+def _dense(*tensors) -> tuple:
+    """The operands made contiguous (a no-op for those that are; None stays None): the kernels
+    take row-major tensors."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _code(t) -> int:
+    """The module's dtype code of an operand; 0 for an absent one (its pointer is 0 too)."""
+    return 0 if t is None else _native.DTYPE_CODES[t.dtype]
+
+
+def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
+    """(rows, width) of a row-wise kernel's input: every leading dim is a row."""
+    cols = x.shape[-1]
+    return (x.numel() // cols if cols else 0), cols
+
+
+def _pointer_or_value(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.data_ptr()
+    return 0 if arg is None else arg
+
+
+def _dequantize_buffer(ctx, n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (N, K) buffer that the prefill of a quantized linear dequantizes its weight into.
+
+    One workspace per forward pass, device and dtype (``ctx.memo``, where ops.rope keeps its
+    tables), grown when a larger linear comes: every quantized linear of a prefill reuses it (a
+    ChatGLM3-6B prefill makes two allocations, at its first qkv and first MLP up-projection,
+    instead of one per linear, 112). Reuse is safe: the dequantize
+    and the GEMM that reads it are queued on the pass's stream, so the next dequantize runs after
+    the GEMM; a workspace that is replaced goes back to torch's stream-ordered caching allocator.
+    Under CUDA / HIP graph capture it is allocated inside the capture (from the graph's private
+    pool, as every intermediate of the captured pass), so a replay never writes into memory that
+    an eager pass owns; and since each pass has its own ctx, two generations in flight on two
+    threads never share one. Without a ctx (kernels called directly): a fresh buffer.
+
+    What a fused quantized GEMM would gain (none is written here): this path writes the
+    dequantized weight (2 N K bytes in fp16 / bf16) and the GEMM reads it back (2 N K more), on top
+    of the 0.5 N K (int4) or N K (int8) bytes of the weight itself, so int4 prefill moves about 9x
+    the weight bytes a kernel that dequantizes tiles in registers / shared memory before the
+    tensor cores (Marlin, the int4 kernels of gpt-fast / TensorRT-LLM) would move, plus one launch
+    per linear. With an H200's measured ceilings (a 4.3 TB/s copy, ~800 TFLOP/s fp16 products) the
+    round trip of 4 N K bytes takes about 0.8x as long as the GEMM's 2 M N K flops at M = 512
+    prompt tokens and a fifth of it at 2048: a fused kernel would make int4 prefill up to ~1.8x
+    faster at 512 tokens and ~1.2x at 2048 (an estimate; benchmarks/cuda_decode.py measures fp16
+    against int4 prefill at both lengths), and would need no (N, K) buffer."""
+    numel = n * k
+    memo = getattr(ctx, "memo", None)
+    if memo is None:
+        return torch.empty((n, k), dtype=dtype, device=device)
+    key = ("quant_prefill_workspace", device, dtype)
+    buffer = memo.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        memo[key] = buffer
+    return buffer[:numel].view(n, k)
 
 
 def _row_spec_refusal(node, name: str) -> str | None:
@@ -148,6 +217,13 @@ class NativeGpuKernels:
                 "platform": module.PLATFORM, "runtime_version": module.runtime_version(),
                 "kernels": [k.name for k in self.kernels()], "gemv_max_m": GEMV_MAX_M}
 
+    def _launch(self, kernel: str, device: torch.device, *args) -> None:
+        """module.<kernel>(*args, device index, current stream): the last step of every wrapper.
+        Tensors go as their data pointers and None (an absent optional operand) as 0, the kernels'
+        null; the launch is queued on the device's current torch stream, with no host sync."""
+        module, _ = self.module()
+        getattr(module, kernel)(*(_pointer_or_value(a) for a in args), device.index or 0, _stream(device))
+
     def kernels(self) -> list[Kernel]:
         if self.module()[0] is None:
             return []
@@ -170,23 +246,16 @@ class NativeGpuKernels:
         return _row_spec_refusal(node, "native.rms_norm")
 
     def rms_norm(self, ctx, node, inputs, params):
-        x = inputs[0]  # (..., H)
-        weight = params["weight"]
-        if weight.dtype not in _native.DTYPE_CODES or x.dtype not in _native.DTYPE_CODES:
+        x, weight = inputs[0], params["weight"]  # (..., H), (H,)
+        if not _native_dtypes(x, weight):
             return ops.norm(ctx, node, inputs, params)
-        module, _ = self.module()
-        x = x.contiguous()
-        weight = weight.contiguous()
+        x, weight = _dense(x, weight)
         rbw = bool(node.attrs["round_before_weight"])
         out = torch.empty(x.shape, dtype=_rms_out_dtype(x.dtype, weight.dtype, rbw), device=x.device)  # (..., H)
-        cols = x.shape[-1]
-        rows = x.numel() // cols if cols else 0
-        if rows == 0:
-            return out
-        codes = _native.DTYPE_CODES
-        module.rms_norm(x.data_ptr(), codes[x.dtype], weight.data_ptr(), codes[weight.dtype], out.data_ptr(),
-                        codes[out.dtype], rows, cols, float(node.attrs["eps"]), rbw, x.device.index,
-                        _stream(x.device))
+        rows, cols = _rows_cols(x)
+        if rows:
+            self._launch("rms_norm", x.device, x, _code(x), weight, _code(weight), out, _code(out), rows, cols,
+                         float(node.attrs["eps"]), rbw)
         return out
 
     # ------------------------------------------------------------------ LayerNorm
@@ -198,24 +267,15 @@ class NativeGpuKernels:
         return _row_spec_refusal(node, "native.layer_norm")
 
     def layer_norm(self, ctx, node, inputs, params):
-        x = inputs[0]  # (..., H)
-        weight, bias = params["weight"], params.get("bias")
-        codes = _native.DTYPE_CODES
-        if x.dtype not in codes or weight.dtype not in codes or (bias is not None and bias.dtype not in codes):
+        x, weight, bias = inputs[0], params["weight"], params.get("bias")  # (..., H), (H,), (H,) or None
+        if not _native_dtypes(x, weight, bias):
             return ops.norm(ctx, node, inputs, params)
-        module, _ = self.module()
-        x = x.contiguous()
-        weight = weight.contiguous()
-        if bias is not None:
-            bias = bias.contiguous()
+        x, weight, bias = _dense(x, weight, bias)
         out = torch.empty_like(x)  # (..., H)
-        cols = x.shape[-1]
-        rows = x.numel() // cols if cols else 0
-        if rows == 0:
-            return out
-        module.layer_norm(x.data_ptr(), codes[x.dtype], weight.data_ptr(), codes[weight.dtype],
-                          bias.data_ptr() if bias is not None else 0, codes[bias.dtype] if bias is not None else 0,
-                          out.data_ptr(), rows, cols, float(node.attrs["eps"]), x.device.index, _stream(x.device))
+        rows, cols = _rows_cols(x)
+        if rows:
+            self._launch("layer_norm", x.device, x, _code(x), weight, _code(weight), bias, _code(bias), out, rows,
+                         cols, float(node.attrs["eps"]))
         return out
 
     # ------------------------------------------------------------------ residual + RMSNorm
@@ -229,23 +289,17 @@ class NativeGpuKernels:
     def residual_rms_norm(self, ctx, node, inputs, params):
         res, branch = inputs  # (..., H) each
         weight = params["weight"]
-        codes = _native.DTYPE_CODES
-        if (res.dtype != branch.dtype or res.shape != branch.shape or res.dtype not in codes
-                or weight.dtype not in codes):
+        if res.dtype != branch.dtype or res.shape != branch.shape or not _native_dtypes(res, weight):
             return ops.residual_norm(ctx, node, inputs, params)
-        module, _ = self.module()
-        res, branch, weight = res.contiguous(), branch.contiguous(), weight.contiguous()
+        res, branch, weight = _dense(res, branch, weight)
         emit = bool(node.attrs.get("emit_residual", True))
         rbw = bool(node.attrs["round_before_weight"])
         out = torch.empty(res.shape, dtype=_rms_out_dtype(res.dtype, weight.dtype, rbw), device=res.device)  # (..., H)
         h = torch.empty_like(res) if emit else None  # (..., H)
-        cols = res.shape[-1]
-        rows = res.numel() // cols if cols else 0
-        if rows > 0:
-            module.residual_rms_norm(res.data_ptr(), branch.data_ptr(), codes[res.dtype], float(node.attrs["alpha"]),
-                                     weight.data_ptr(), codes[weight.dtype], h.data_ptr() if emit else 0,
-                                     out.data_ptr(), codes[out.dtype], rows, cols, float(node.attrs["eps"]), rbw,
-                                     res.device.index, _stream(res.device))
+        rows, cols = _rows_cols(res)
+        if rows:
+            self._launch("residual_rms_norm", res.device, res, branch, _code(res), float(node.attrs["alpha"]), weight,
+                         _code(weight), h, out, _code(out), rows, cols, float(node.attrs["eps"]), rbw)
         return (h, out) if emit else out
 
     # ------------------------------------------------------------------ residual + LayerNorm
@@ -259,26 +313,16 @@ class NativeGpuKernels:
     def residual_layer_norm(self, ctx, node, inputs, params):
         res, branch = inputs  # (..., H) each
         weight, bias = params["weight"], params.get("bias")
-        codes = _native.DTYPE_CODES
-        if (res.dtype != branch.dtype or res.shape != branch.shape or res.dtype not in codes
-                or weight.dtype not in codes or (bias is not None and bias.dtype not in codes)):
+        if res.dtype != branch.dtype or res.shape != branch.shape or not _native_dtypes(res, weight, bias):
             return ops.residual_norm(ctx, node, inputs, params)
-        module, _ = self.module()
-        res, branch, weight = res.contiguous(), branch.contiguous(), weight.contiguous()
-        if bias is not None:
-            bias = bias.contiguous()
+        res, branch, weight, bias = _dense(res, branch, weight, bias)
         emit = bool(node.attrs.get("emit_residual", True))
         out = torch.empty_like(res)  # (..., H): F.layer_norm keeps the activations' dtype
         h = torch.empty_like(res) if emit else None  # (..., H)
-        cols = res.shape[-1]
-        rows = res.numel() // cols if cols else 0
-        if rows > 0:
-            module.residual_layer_norm(res.data_ptr(), branch.data_ptr(), codes[res.dtype],
-                                       float(node.attrs["alpha"]), weight.data_ptr(), codes[weight.dtype],
-                                       bias.data_ptr() if bias is not None else 0,
-                                       codes[bias.dtype] if bias is not None else 0, h.data_ptr() if emit else 0,
-                                       out.data_ptr(), rows, cols, float(node.attrs["eps"]), res.device.index,
-                                       _stream(res.device))
+        rows, cols = _rows_cols(res)
+        if rows:
+            self._launch("residual_layer_norm", res.device, res, branch, _code(res), float(node.attrs["alpha"]),
+                         weight, _code(weight), bias, _code(bias), h, out, rows, cols, float(node.attrs["eps"]))
         return (h, out) if emit else out
 
     # ------------------------------------------------------------------ RoPE
@@ -334,17 +378,15 @@ class NativeGpuKernels:
                 tables = ops.rope_tables(ctx.positions, rd, a["base"], qkv.dtype, a["table_dtype"])
             ctx.memo[key] = tables
         flat = tables[0] + tables[1] if kind == "2d" else tables
-        cos, sin, *second = (x.contiguous() for x in flat)  # (B, T, rd / 2), or 4 x (B, T, hd / 4) for 2-D
-        qkv = qkv.contiguous()
+        cos, sin, *second = _dense(*flat)  # (B, T, rd / 2), or 4 x (B, T, hd / 4) for 2-D
+        cos2, sin2 = second or (None, None)  # the block-position tables of 2-D RoPE
+        (qkv,) = _dense(qkv)
         q = torch.empty((b, t, nh, hd), dtype=qkv.dtype, device=qkv.device)
         k = torch.empty((b, t, nkv, hd), dtype=qkv.dtype, device=qkv.device)
         v = qkv[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd))  # (B, T, nkv, hd), a view as in ops.rope
         if b * t > 0:
-            module, _ = self.module()
-            cos2, sin2 = (second[0].data_ptr(), second[1].data_ptr()) if second else (0, 0)
-            module.rope(qkv.data_ptr(), _native.DTYPE_CODES[qkv.dtype], ROPE_KIND_CODES[kind], cos.data_ptr(),
-                        sin.data_ptr(), cos2, sin2, q.data_ptr(), k.data_ptr(), b * t, nh, nkv, hd, rd,
-                        qkv.device.index, _stream(qkv.device))
+            self._launch("rope", qkv.device, qkv, _code(qkv), ROPE_KIND_CODES[kind], cos, sin, cos2, sin2, q, k, b * t,
+                         nh, nkv, hd, rd)
         return q, k, v
 
     # ------------------------------------------------------------------ quantized linear
@@ -387,24 +429,17 @@ class NativeGpuKernels:
                 or not layout_ok or (rows <= GEMV_MAX_M and bias is not None and bias.dtype not in codes)):
             # An unusual dtype or layout: the reference op on this device.
             return ops.linear(ctx, node, inputs, params)
-        module, _ = self.module()
-        weight = weight.contiguous()  # (N, K) int8 or (N, ceil(K/2)) packed int4
-        scale = scale.contiguous()  # (N,) or (N, ceil(K/g))
+        # weight: (N, K) int8 or (N, ceil(K/2)) packed int4; scale: (N,) or (N, ceil(K/g))
+        weight, scale = _dense(weight, scale)
         if rows > GEMV_MAX_M:
-            # Prefill: dequantize once (one native launch into a torch buffer), then cuBLAS.
-            w = torch.empty((n, k), dtype=x.dtype, device=x.device)
-            dequantize = module.dequantize_int8 if bits == 8 else module.dequantize_int4
-            dequantize(weight.data_ptr(), scale.data_ptr(), codes[scale.dtype], w.data_ptr(), codes[x.dtype], n, k,
-                       group, x.device.index or 0, _stream(x.device))
+            # Prefill: dequantize once (one native launch into the pass's reused workspace), then cuBLAS.
+            w = _dequantize_buffer(ctx, n, k, x.dtype, x.device)  # (N, K)
+            self._launch(f"dequantize_int{bits}", x.device, weight, scale, _code(scale), w, _code(w), n, k, group)
             return torch.nn.functional.linear(x, w, bias)
-        x = x.contiguous()
+        x, bias = _dense(x, bias)
         out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)  # (..., N)
-        if bias is not None:
-            bias = bias.contiguous()
-        launch = module.linear_int8 if quant["bits"] == 8 else module.linear_int4
-        launch(x.data_ptr(), codes[x.dtype], weight.data_ptr(), scale.data_ptr(), codes[scale.dtype],
-               bias.data_ptr() if bias is not None else 0, codes[bias.dtype] if bias is not None else 0,
-               out.data_ptr(), rows, n, k, group, x.device.index or 0, _stream(x.device))
+        self._launch(f"linear_int{bits}", x.device, x, _code(x), weight, scale, _code(scale), bias, _code(bias), out,
+                     rows, n, k, group)
         return out
 
     # ------------------------------------------------------------------ attention
@@ -486,12 +521,11 @@ class NativeGpuKernels:
         nbytes = module.attention_workspace_bytes(B, T, S, nh, nkv, hd, 0)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
         c = float(a["layer_index"] + 1)
-        module.attention(codes[q.dtype], B, T, S, nh, nkv, hd,
-                         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-                         keys.data_ptr(), *k_strides, values.data_ptr(), *v_strides,
-                         allowed.data_ptr(), allowed.stride(0), allowed.stride(2), allowed.stride(3),
-                         out.data_ptr(), a["scaling"] == "layer_scaled", float(a.get("scale", 1.0)), hd ** 0.5 * c, c,
-                         workspace.data_ptr(), nbytes, 0, q.device.index or 0, _stream(q.device))
+        self._launch("attention", q.device, _code(q), B, T, S, nh, nkv, hd,
+                     q, q.stride(0), q.stride(1), q.stride(2), keys, *k_strides, values, *v_strides,
+                     allowed, allowed.stride(0), allowed.stride(2), allowed.stride(3),
+                     out, a["scaling"] == "layer_scaled", float(a.get("scale", 1.0)), hd ** 0.5 * c, c,
+                     workspace, nbytes, 0)
         return out
 
 

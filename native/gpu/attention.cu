@@ -464,12 +464,8 @@ const char* attention(const AttentionArgs& a, void* workspace, int64_t workspace
   p.q_divisor = a.q_divisor;
   p.coeff = a.coeff;
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (a.dtype) {
-      case kF32: launch_all<F32>(pl, p, a.batch, a.num_kv_heads, s); break;
-      case kBF16: launch_all<BF16>(pl, p, a.batch, a.num_kv_heads, s); break;
-      default: launch_all<F16>(pl, p, a.batch, a.num_kv_heads, s); break;
-    }
+  return launch_for_dtype(device, a.dtype, [&](auto tag) {
+    launch_all<decltype(tag)>(pl, p, a.batch, a.num_kv_heads, s);
   });
 }
 

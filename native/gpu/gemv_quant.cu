@@ -307,21 +307,9 @@ const char* linear_quant(int bits, const void* x, int x_dtype, const void* weigh
   const auto* xb = static_cast<const char*>(x);
   auto* ob = static_cast<char*>(out);
   const int n32 = static_cast<int>(N), k32 = static_cast<int>(K), g32 = static_cast<int>(group_size);
-  return launch_on_device(device, [&] {
-    switch (x_dtype) {
-      case kF32:
-        launch_all<F32>(bits, xb, weight, scale, scale_dtype, bias, bias_dtype, ob, M, n32, k32, row_bytes, g32,
-                        num_groups, vector_ok, s);
-        break;
-      case kBF16:
-        launch_all<BF16>(bits, xb, weight, scale, scale_dtype, bias, bias_dtype, ob, M, n32, k32, row_bytes, g32,
-                         num_groups, vector_ok, s);
-        break;
-      default:
-        launch_all<F16>(bits, xb, weight, scale, scale_dtype, bias, bias_dtype, ob, M, n32, k32, row_bytes, g32,
-                        num_groups, vector_ok, s);
-        break;
-    }
+  return launch_for_dtype(device, x_dtype, [&](auto tag) {
+    launch_all<decltype(tag)>(bits, xb, weight, scale, scale_dtype, bias, bias_dtype, ob, M, n32, k32, row_bytes, g32,
+                              num_groups, vector_ok, s);
   });
 }
 
@@ -336,12 +324,8 @@ const char* dequantize_weight(int bits, const void* weight, const void* scale, i
   if (N > INT64_MAX / K) return "N * K overflows";
   if (weight == nullptr || scale == nullptr || out == nullptr) return "weight, scale and out must be device pointers";
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (out_dtype) {
-      case kF32: launch_dequantize<F32>(bits, weight, scale, scale_dtype, out, N, K, group_size, s); break;
-      case kBF16: launch_dequantize<BF16>(bits, weight, scale, scale_dtype, out, N, K, group_size, s); break;
-      default: launch_dequantize<F16>(bits, weight, scale, scale_dtype, out, N, K, group_size, s); break;
-    }
+  return launch_for_dtype(device, out_dtype, [&](auto tag) {
+    launch_dequantize<decltype(tag)>(bits, weight, scale, scale_dtype, out, N, K, group_size, s);
   });
 }
 

@@ -244,12 +244,8 @@ const char* rms_norm(const void* x, int x_dtype, const void* weight, int w_dtype
   if (const char* e = check_rows(rows, cols)) return e;
   if (rows == 0 || cols == 0) return nullptr;
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (x_dtype) {
-      case kF32: launch_rms_norm<F32>(x, weight, w_dtype, out, out_dtype, rows, cols, eps, round_before_weight, s); break;
-      case kBF16: launch_rms_norm<BF16>(x, weight, w_dtype, out, out_dtype, rows, cols, eps, round_before_weight, s); break;
-      default: launch_rms_norm<F16>(x, weight, w_dtype, out, out_dtype, rows, cols, eps, round_before_weight, s); break;
-    }
+  return launch_for_dtype(device, x_dtype, [&](auto tag) {
+    launch_rms_norm<decltype(tag)>(x, weight, w_dtype, out, out_dtype, rows, cols, eps, round_before_weight, s);
   });
 }
 
@@ -259,12 +255,8 @@ const char* layer_norm(const void* x, int x_dtype, const void* weight, int w_dty
   if (const char* e = check_rows(rows, cols)) return e;
   if (rows == 0 || cols == 0) return nullptr;
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (x_dtype) {
-      case kF32: launch_layer_norm<F32>(x, weight, w_dtype, bias, b_dtype, out, rows, cols, eps, s); break;
-      case kBF16: launch_layer_norm<BF16>(x, weight, w_dtype, bias, b_dtype, out, rows, cols, eps, s); break;
-      default: launch_layer_norm<F16>(x, weight, w_dtype, bias, b_dtype, out, rows, cols, eps, s); break;
-    }
+  return launch_for_dtype(device, x_dtype, [&](auto tag) {
+    launch_layer_norm<decltype(tag)>(x, weight, w_dtype, bias, b_dtype, out, rows, cols, eps, s);
   });
 }
 
@@ -276,21 +268,9 @@ const char* residual_rms_norm(const void* residual, const void* branch, int x_dt
   if (const char* e = check_rows(rows, cols)) return e;
   if (rows == 0 || cols == 0) return nullptr;
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (x_dtype) {
-      case kF32:
-        launch_residual_rms_norm<F32>(residual, branch, alpha, weight, w_dtype, h_out, out, out_dtype, rows, cols, eps,
-                                      round_before_weight, s);
-        break;
-      case kBF16:
-        launch_residual_rms_norm<BF16>(residual, branch, alpha, weight, w_dtype, h_out, out, out_dtype, rows, cols,
-                                       eps, round_before_weight, s);
-        break;
-      default:
-        launch_residual_rms_norm<F16>(residual, branch, alpha, weight, w_dtype, h_out, out, out_dtype, rows, cols, eps,
-                                      round_before_weight, s);
-        break;
-    }
+  return launch_for_dtype(device, x_dtype, [&](auto tag) {
+    launch_residual_rms_norm<decltype(tag)>(residual, branch, alpha, weight, w_dtype, h_out, out, out_dtype, rows,
+                                            cols, eps, round_before_weight, s);
   });
 }
 
@@ -301,21 +281,9 @@ const char* residual_layer_norm(const void* residual, const void* branch, int x_
   if (const char* e = check_rows(rows, cols)) return e;
   if (rows == 0 || cols == 0) return nullptr;
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (x_dtype) {
-      case kF32:
-        launch_residual_layer_norm<F32>(residual, branch, alpha, weight, w_dtype, bias, b_dtype, h_out, out, rows,
-                                        cols, eps, s);
-        break;
-      case kBF16:
-        launch_residual_layer_norm<BF16>(residual, branch, alpha, weight, w_dtype, bias, b_dtype, h_out, out, rows,
-                                         cols, eps, s);
-        break;
-      default:
-        launch_residual_layer_norm<F16>(residual, branch, alpha, weight, w_dtype, bias, b_dtype, h_out, out, rows,
-                                        cols, eps, s);
-        break;
-    }
+  return launch_for_dtype(device, x_dtype, [&](auto tag) {
+    launch_residual_layer_norm<decltype(tag)>(residual, branch, alpha, weight, w_dtype, bias, b_dtype, h_out, out,
+                                              rows, cols, eps, s);
   });
 }
 

@@ -204,6 +204,20 @@ __device__ __forceinline__ float round_any(float v, int code) {
   }
 }
 
+// The one run-time -> compile-time dtype switch of the entry points: calls fn(F32{}), fn(BF16{})
+// or fn(F16{}) for a dtype code, so an entry point writes its launch once, as a generic lambda
+// that takes the element type from its tag (`[&](auto tag) { launch<decltype(tag)>(...); }`),
+// and all three instantiations are compiled. The entry points check their codes first; any code
+// but kF32 / kBF16 is fp16 here (as their own switches had it).
+template <typename Fn>
+inline void dispatch_dtype(int code, Fn&& fn) {
+  switch (code) {
+    case kF32: fn(F32{}); break;
+    case kBF16: fn(BF16{}); break;
+    default: fn(F16{}); break;
+  }
+}
+
 // Runs `launch` with the device made current (restored afterwards) and returns nullptr, or the
 // runtime's message for the first error (a bad launch configuration, an unsupported arch, ...).
 template <typename Launch>
@@ -216,6 +230,13 @@ inline const char* launch_on_device(int device, Launch&& launch) {
   err = gpuGetLastError();
   if (previous >= 0 && previous != device) (void)gpuSetDevice(previous);  // best effort
   return err == gpuSuccess ? nullptr : gpuGetErrorString(err);
+}
+
+// The common tail of every entry point: on `device`, fn(tag) for the element type of dtype
+// `code` (dispatch_dtype), returning launch_on_device's nullptr or error message.
+template <typename Fn>
+inline const char* launch_for_dtype(int device, int code, Fn&& fn) {
+  return launch_on_device(device, [&] { dispatch_dtype(code, fn); });
 }
 
 }  // namespace gpu

@@ -122,21 +122,9 @@ const char* rope(const void* qkv, int dtype, int kind, const void* cos, const vo
   if (rows == 0 || num_heads + num_kv_heads == 0) return nullptr;
   if (kind == kRope2D && (cos2 == nullptr || sin2 == nullptr)) return "2-D RoPE needs the block-position tables";
   auto s = static_cast<gpuStream_t>(stream);
-  return launch_on_device(device, [&] {
-    switch (dtype) {
-      case kF32:
-        launch_rope<F32>(qkv, cos, sin, cos2, sin2, q_out, k_out, kind, rows, num_heads, num_kv_heads, head_dim,
-                         rotary_dim, s);
-        break;
-      case kBF16:
-        launch_rope<BF16>(qkv, cos, sin, cos2, sin2, q_out, k_out, kind, rows, num_heads, num_kv_heads, head_dim,
-                          rotary_dim, s);
-        break;
-      default:
-        launch_rope<F16>(qkv, cos, sin, cos2, sin2, q_out, k_out, kind, rows, num_heads, num_kv_heads, head_dim,
-                         rotary_dim, s);
-        break;
-    }
+  return launch_for_dtype(device, dtype, [&](auto tag) {
+    launch_rope<decltype(tag)>(qkv, cos, sin, cos2, sin2, q_out, k_out, kind, rows, num_heads, num_kv_heads, head_dim,
+                               rotary_dim, s);
   });
 }
 

@@ -24,7 +24,9 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
      against glmrt.quant.dequantize): int8 and int4, per-channel and groups of 32 / 64 / 12, K odd and
      not a multiple of the group, fp32 / bf16 / fp16 outputs, fp32 scales under bf16, scales
      with random mantissas (so the products round); and the plan wrapper's prefill path (M = 9,
-     64) on the emulated kernel against glmrt.ops.linear on CPU tensors, bit for bit.
+     64) on the emulated kernel against glmrt.ops.linear on CPU tensors, bit for bit; and its
+     reuse of one dequantization workspace per forward pass, device and dtype (ctx.memo), grown
+     as needed, over a pass of linears of several shapes.
      The norms and RoPE are checked there against independent formulas written in the
      test: RMSNorm / LayerNorm / residual + RMSNorm / residual + LayerNorm (h bit for bit, norm(h)
      within one ulp; with an fp32 or other-half weight the RMSNorm output dtype is the reference's
@@ -41,6 +43,9 @@ The same kernel sources are built as CUDA (nvcc) and as HIP (hipcc). This file h
      (expf and the fp32 sums may move one rounding of a probability). And the plan wrapper (cache
      write, strides, mask broadcast, prefill fallback) on the emulated kernel against
      glmrt.ops.attention on CPU tensors. Its supports() predicate and argument errors need no GPU.
+     The other plan wrappers (norms, fused residual norms, RoPE: their shared steps, dtype codes,
+     contiguous operands, absent operands as null pointers) run there too, on CPU tensors, against
+     glmrt.ops.
 
 2. Kernel conformance, which needs a GPU (skipped otherwise, with the reason). On a CUDA machine
    it tests glmrt._native_cuda through the cuda backend; on a ROCm / DTK torch, glmrt._native_hip
@@ -1000,6 +1005,60 @@ def test_quant_gemv_unaligned_weight_pointer_and_noncontiguous_input(bits):
 
 
 @needs_gpu
+def test_quant_prefill_workspace_of_a_pass_eager_and_under_graph_capture():
+    """Three prefill-sized quantized linears in one forward pass (one ctx): the second reuses the
+    first's dequantization workspace, the third grows it. Eager: each output equals glmrt.ops.linear
+    bit for bit. Captured in a CUDA / HIP graph (the workspace then comes from the graph's pool):
+    each replay with new inputs gives every stage within one bf16 rounding of glmrt.ops.linear on
+    that stage's captured input (the captured GEMM may sum in another order)."""
+    kernel = _kernels()["native.quant_gemv"]
+    dtype = torch.bfloat16
+    stages = [(256, 64, 4, 32), (64, 128, 8, 0), (128, 512, 4, 0)]  # (K, N, bits, group): 16384, 8192, 65536
+    nodes, params = [], []
+    for i, (k, n, bits, group) in enumerate(stages):
+        _, stored, scale, b = _realistic(1, n, k, bits, group, dtype, True, seed=40 + i)
+        nodes.append(linear_node(k, n, dtype, bits, group))
+        params.append({"weight": stored.cuda(), "scale": scale.cuda(), "bias": b.cuda()})
+
+    def chain(x):
+        ctx = ops.ForwardContext(positions=None, allowed=None)
+        outs = []
+        for node, p in zip(nodes, params):
+            x = kernel.fn(ctx, node, [x], p)
+            outs.append(x)
+        return outs, ctx
+
+    static_x = torch.randn(2, 32, 256, generator=torch.Generator().manual_seed(1)).to(dtype).cuda()
+    outs, ctx = chain(static_x)
+    (workspace,) = ctx.memo.values()
+    assert workspace.numel() == 65536 and workspace.dtype == dtype
+    inp = static_x
+    for i, (node, p, got) in enumerate(zip(nodes, params, outs)):
+        want = ops.linear(None, node, [inp], p)
+        assert torch.equal(got, want), f"eager stage {i}: {_first_mismatch(got, want)}"
+        inp = got
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream before capture
+        chain(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = chain(static_x)
+    for seed in range(3):
+        static_x.copy_(torch.randn(2, 32, 256, generator=torch.Generator().manual_seed(10 + seed)).to(dtype))
+        chain(static_x)  # an eager pass in between: its own workspace, which must not disturb the graph's
+        graph.replay()
+        torch.cuda.synchronize()
+        inp = static_x
+        for i, (node, p, got) in enumerate(zip(nodes, params, captured)):
+            ref = ops.linear(None, node, [inp], p).float()
+            err = (got.float() - ref).abs().max().item()
+            assert err <= 2.0**-7 * ref.abs().max().item(), f"replay {seed}, stage {i}: off by {err}"
+            inp = got
+
+
+@needs_gpu
 def test_kernels_run_on_a_side_stream_and_under_graph_capture():
     kernels = _kernels()
     norm, gemv = kernels["native.rms_norm"], kernels["native.quant_gemv"]
@@ -1202,6 +1261,107 @@ def test_emulated_quant_linear_prefill_wrapper(emulated, monkeypatch):
     wrapper.quant_linear(None, linear_node(64, 5, torch.float32, 8, 0, bias=False), [x.view(1, 2, 64)],
                          {"weight": stored, "scale": scale})
     assert log.calls == ["linear_int8"]
+
+
+def test_emulated_quant_prefill_reuses_one_workspace_per_pass(emulated, monkeypatch):
+    """The prefill of a quantized linear dequantizes into one workspace per forward pass, device and
+    dtype (kept in ctx.memo, grown when a larger weight comes, a view of it otherwise): a pass of
+    linears of several shapes, int8 and int4, per-channel and grouped, each equal to
+    glmrt.ops.linear bit for bit, with two allocations for the whole pass; a second dtype gets its
+    own workspace; without a ctx each call gets a fresh buffer."""
+    from glmrt.backends.cuda import kernels as gpu_kernels
+
+    wrapper = gpu_kernels.NativeGpuKernels("_native_cuda")
+    monkeypatch.setattr(wrapper, "module", lambda: (emulated, ""))
+    monkeypatch.setattr(gpu_kernels, "_stream", lambda device: 0)
+    # A layer's order of shapes: qkv, dense, MLP up (the largest), MLP down; then the next layer.
+    layer = [(48, 40, 8, 0), (40, 40, 4, 32), (96, 40, 4, 0), (40, 72, 8, 64)]  # (N, K, bits, group)
+    for dtype in (torch.bfloat16, torch.float32):
+        ctx = ops.ForwardContext(positions=None, allowed=None)
+        buffers = []
+        for i, (n, k, bits, group) in enumerate(layer * 2):
+            x, stored, scale, b = _realistic(9, n, k, bits, group, dtype, i % 2 == 0, seed=i)
+            node = linear_node(k, n, dtype, bits, group, bias=b is not None)
+            params = {"weight": stored, "scale": scale, **({"bias": b} if b is not None else {})}
+            got = wrapper.quant_linear(ctx, node, [x.view(1, 9, k)], params)
+            want = ops.linear(None, node, [x.view(1, 9, k)], params)
+            assert torch.equal(got, want), f"linear {i} ({n}x{k} int{bits} g{group} {dtype}): {_first_mismatch(got, want)}"
+            buffers.append(ctx.memo[("quant_prefill_workspace", x.device, dtype)])
+        sizes = [n * k for n, k, _, _ in layer]
+        assert [buf.numel() for buf in buffers] == [sizes[0], sizes[0], sizes[2], sizes[2]] + [sizes[2]] * 4
+        assert len({buf.data_ptr() for buf in buffers}) == 2  # allocated at the first linear and at the largest
+        assert all(buf.dtype == dtype for buf in buffers)
+    two = ops.ForwardContext(positions=None, allowed=None)
+    for dtype in (torch.bfloat16, torch.float16):
+        x, stored, scale, _ = _realistic(12, 8, 64, 4, 32, dtype, False, seed=7)
+        wrapper.quant_linear(two, linear_node(64, 8, dtype, 4, 32, bias=False), [x], {"weight": stored, "scale": scale})
+    assert sorted(str(key[2]) for key in two.memo) == ["torch.bfloat16", "torch.float16"]
+    # No ctx (a direct call): a fresh buffer, and still the reference's numbers.
+    x, stored, scale, b = _realistic(10, 24, 40, 8, 0, torch.float16, True, seed=9)
+    node = linear_node(40, 24, torch.float16, 8, 0)
+    params = {"weight": stored, "scale": scale, "bias": b}
+    assert torch.equal(wrapper.quant_linear(None, node, [x], params), ops.linear(None, node, [x], params))
+
+
+def test_emulated_row_and_rope_plan_wrappers(emulated, monkeypatch):
+    """The plan wrappers of the norms, the fused residual norms and RoPE (their shared steps: the
+    dtype codes, contiguous operands, outputs, optional operands as null pointers, device and
+    stream) on the emulated kernels, on CPU tensors, against glmrt.ops: h and q / k bit for bit,
+    normed outputs within one ulp; non-contiguous inputs, absent and present biases, weights in
+    another dtype than the activations, h emitted or not, and the three RoPE kinds."""
+    from glmrt.backends.cuda import kernels as gpu_kernels
+
+    wrapper = gpu_kernels.NativeGpuKernels("_native_cuda")
+    monkeypatch.setattr(wrapper, "module", lambda: (emulated, ""))
+    monkeypatch.setattr(gpu_kernels, "_stream", lambda device: 0)
+    g = torch.Generator().manual_seed(21)
+    for dtype in DTYPES:
+        for w_dtype in {dtype, torch.float32}:
+            wide = (3 * torch.randn(2, 3, 70, generator=g) + 0.5).to(dtype)
+            x = wide[..., :65]  # (2, 3, 65), not contiguous
+            branch = torch.randn(2, 3, 65, generator=g).to(dtype)
+            w = (1 + 0.2 * torch.randn(65, generator=g)).to(w_dtype)
+            b = (0.3 * torch.randn(65, generator=g)).to(w_dtype)
+            for rbw in (False, True):
+                node = norm_node(65, dtype, rbw)
+                got, want = wrapper.rms_norm(None, node, [x], {"weight": w}), ops.norm(None, node, [x], {"weight": w})
+                _assert_within_one_ulp(got, want, dtype, f"rms_norm wrapper {dtype} w {w_dtype} rbw={rbw}")
+                for emit in (True, False):
+                    node = residual_norm_node(65, dtype, rbw, alpha=(2 * 28) ** 0.5, emit_residual=emit)
+                    got = wrapper.residual_rms_norm(None, node, [x, branch], {"weight": w})
+                    want = ops.residual_norm(None, node, [x, branch], {"weight": w})
+                    what = f"residual_rms_norm wrapper {dtype} w {w_dtype} rbw={rbw} emit={emit}"
+                    if emit:
+                        assert torch.equal(got[0], want[0]), f"{what}: h {_first_mismatch(got[0], want[0])}"
+                        got, want = got[1], want[1]
+                    _assert_within_one_ulp(got, want, dtype, what)
+            if w_dtype != dtype:  # torch's CPU layer_norm takes a weight unlike the activations; keep to its own
+                continue
+            for params in ({"weight": w}, {"weight": w, "bias": b}):
+                node = norm_node(65, dtype, False, kind="layernorm")
+                got, want = wrapper.layer_norm(None, node, [x], params), ops.norm(None, node, [x], params)
+                _assert_within_one_ulp(got, want, dtype, f"layer_norm wrapper {dtype} bias={'bias' in params}")
+                for emit in (True, False):
+                    node = residual_norm_node(65, dtype, False, alpha=(2 * 70) ** 0.5, emit_residual=emit,
+                                              kind="layernorm")
+                    got = wrapper.residual_layer_norm(None, node, [x, branch], params)
+                    want = ops.residual_norm(None, node, [x, branch], params)
+                    what = f"residual_layer_norm wrapper {dtype} bias={'bias' in params} emit={emit}"
+                    if emit:
+                        assert torch.equal(got[0], want[0]), f"{what}: h {_first_mismatch(got[0], want[0])}"
+                        got, want = got[1], want[1]
+                    _assert_within_one_ulp(got, want, dtype, what)
+        for kind in ROPE_KINDS:
+            b_, t, nh, nkv, hd, rd = (2, 3, 4, 2, 8, 8) if kind == "2d" else (2, 3, 4, 2, 8, 4)
+            node = rope_node(nh, nkv, hd, rd, dtype, kind=kind)
+            qkv, positions = _rope_inputs(b_, t, nh, nkv, hd, rd, dtype, g, kind=kind)
+            wide = torch.zeros(b_, t, qkv.shape[-1] + 6, dtype=dtype)
+            wide[..., :qkv.shape[-1]] = qkv
+            sliced = wide[..., :qkv.shape[-1]]  # not contiguous
+            got = wrapper.rope(ops.ForwardContext(positions=positions, allowed=None), node, [sliced], {})
+            want = ops.rope(ops.ForwardContext(positions=positions, allowed=None), node, [qkv], {})
+            for name, a, c in zip("qkv", got, want):
+                assert a.shape == c.shape and torch.equal(a, c), f"rope wrapper {kind} {dtype}: {name} {_first_mismatch(a, c)}"
 
 
 @pytest.mark.parametrize("round_before_weight", [False, True])
