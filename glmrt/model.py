@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -36,7 +37,15 @@ class Model:
         # cache position on the device), "graph" (static, captured once as a CUDA graph), or
         # "auto" (graph on CUDA backends that declare graph capture, else eager).
         self.decode_mode = "auto"
-        self._decoders: dict = {}
+        # Concurrency: every generation leases its own decoder (KV cache and input buffers) for as
+        # long as it runs, so two generations in flight never share mutable state; finished
+        # generations hand theirs back, and one idle static/graph decoder is kept for the next
+        # call of the same shape (a captured graph is expensive to build). Forward steps of all
+        # threads are serialized by one lock (kernels and graph replays may share scratch state);
+        # whole generations are not, so threads interleave step by step.
+        self._forward_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._idle_decoder: tuple | None = None  # (key, decoder) kept for reuse, or None
 
     @property
     def tokenizer(self):
@@ -131,7 +140,8 @@ class Model:
         self._check_length(ids.shape[1])
         layout = self._layout(ids, mask)
         ctx = ForwardContext(positions=layout.positions, allowed=layout.allowed(self._causal_allowed(mask, ids.shape[1], 0), mask))
-        return execute(self.plan, ctx, ids).float()
+        with self._forward_lock:
+            return execute(self.plan, ctx, ids).float()
 
     @torch.inference_mode()
     def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
@@ -163,44 +173,72 @@ class Model:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
 
-        with torch.inference_mode():
-            decoder = self._decoder(B, total)
-            cache, key_valid = decoder.cache, decoder.key_valid
-            key_valid.fill_(True)
-            key_valid[:, :T] = mask.bool()
-            layout = self._layout(ids, mask)
-            ctx = ForwardContext(positions=layout.positions, allowed=layout.allowed(self._causal_allowed(key_valid, T, 0), key_valid),
-                                 cache=cache, cache_pos=0, last_only=True)
-            logits = execute(self.plan, ctx, ids)[:, -1]  # (B, V)
-            seen = ids
-            finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
+        decoder = self._lease_decoder(B, total)
+        reusable = False
+        try:
             with torch.inference_mode():
-                token = next_tokens(logits, seen, params, generator)
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                finished = finished | torch.isin(token, eos_t)
-            yield token.clone()
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                return
-            with torch.inference_mode():
-                seen = torch.cat((seen, token[:, None]), dim=1)
-                logits = decoder.step(token[:, None], layout.generated_positions(step), T + step)
+                cache, key_valid = decoder.cache, decoder.key_valid
+                key_valid.fill_(True)
+                key_valid[:, :T] = mask.bool()
+                layout = self._layout(ids, mask)
+                ctx = ForwardContext(positions=layout.positions,
+                                     allowed=layout.allowed(self._causal_allowed(key_valid, T, 0), key_valid),
+                                     cache=cache, cache_pos=0, last_only=True)
+                with self._forward_lock:
+                    logits = execute(self.plan, ctx, ids)[:, -1]  # (B, V)
+                seen = ids
+                finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+            for step in range(max_new_tokens):
+                with torch.inference_mode():
+                    token = next_tokens(logits, seen, params, generator)
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                    finished = finished | torch.isin(token, eos_t)
+                try:
+                    yield token.clone()
+                except GeneratorExit:  # closed or garbage-collected between steps: the decoder is intact
+                    reusable = True
+                    raise
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                with torch.inference_mode():
+                    seen = torch.cat((seen, token[:, None]), dim=1)
+                    with self._forward_lock:
+                        logits = decoder.step(token[:, None], layout.generated_positions(step), T + step)
+            reusable = True
+        finally:
+            # A step that raised may have left the decoder half-written (or a capture half-done):
+            # such a decoder is dropped, never handed to the next generation.
+            self._return_decoder(decoder, reusable)
 
-    def _decoder(self, batch: int, total: int) -> "_Decoder":
-        """The decode-step runner for this batch size and cache length. Static and graph decoders
-        (and their KV caches) are kept and reused by later calls with the same shapes."""
+    def _decode_mode(self) -> str:
         mode = self.decode_mode
         if mode == "auto":
             mode = "graph" if self.device.type == "cuda" and self.backend.capabilities().graph_capture else "eager"
         if mode not in ("eager", "static", "graph"):
             raise InputError(f"decode_mode must be auto, eager, static or graph, not {mode!r}")
+        return mode
+
+    def _lease_decoder(self, batch: int, total: int) -> "_Decoder":
+        """A decode-step runner for this batch size and cache length that belongs to the caller
+        until _return_decoder: the idle one kept from an earlier generation of the same shape, or
+        a new one (eager decoders are always new: their cache is allocated per call anyway)."""
+        mode = self._decode_mode()
         if mode == "eager":
             return _EagerDecoder(self, batch, total)
         key = (mode, batch, total)
-        if key not in self._decoders:
-            self._decoders.clear()  # one cache at a time: they can be large
-            self._decoders[key] = (_GraphDecoder if mode == "graph" else _StaticDecoder)(self, batch, total)
-        return self._decoders[key]
+        with self._pool_lock:
+            idle, self._idle_decoder = self._idle_decoder, None
+        if idle is not None and idle[0] == key:
+            return idle[1]
+        del idle  # one cache at a time: they can be large, so drop the other shape's before allocating
+        return (_GraphDecoder if mode == "graph" else _StaticDecoder)(self, batch, total)
+
+    def _return_decoder(self, decoder: "_Decoder", reusable: bool) -> None:
+        """Hand a leased decoder back; the most recently returned reusable one is kept."""
+        if not reusable or isinstance(decoder, _EagerDecoder):
+            return
+        with self._pool_lock:
+            self._idle_decoder = (decoder.key, decoder)
 
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -371,11 +409,15 @@ class _PrefixLayout:
 
 
 class _Decoder:
-    """Owns the KV cache and the key-validity row of one generation shape."""
+    """Owns the KV cache and the key-validity row of one generation shape; leased to one
+    generation at a time (Model._lease_decoder)."""
+
+    mode = "eager"
 
     def __init__(self, model: Model, batch: int, total: int):
         cfg = model.config
         self.model = model
+        self.key = (self.mode, batch, total)
         self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, total, cfg.head_dim, model.dtype, model.device)
         self.key_valid = torch.ones(batch, total, dtype=torch.bool, device=model.device)
 
@@ -393,6 +435,8 @@ class _EagerDecoder(_Decoder):
 class _StaticDecoder(_Decoder):
     """Every step has the same shapes and reads its inputs from fixed buffers, so it can be
     captured as a graph: attention covers the whole cache under a mask built on the device."""
+
+    mode = "static"
 
     def __init__(self, model: Model, batch: int, total: int):
         super().__init__(model, batch, total)
@@ -421,6 +465,8 @@ class _StaticDecoder(_Decoder):
 
 class _GraphDecoder(_StaticDecoder):
     """The static step captured once as a CUDA graph and replayed for every token."""
+
+    mode = "graph"
 
     def __init__(self, model: Model, batch: int, total: int):
         super().__init__(model, batch, total)
