@@ -22,6 +22,7 @@ NORM_KINDS = ("rmsnorm", "layernorm")
 # h = norm(h) * alpha + f(norm(h)).  sandwich (GLM-4-0414): h = h + post_norm(f(norm(h))).
 NORM_PLACEMENTS = ("pre", "deepnorm", "sandwich")
 ROPE_KINDS = ("interleaved", "half", "2d")
+ROPE_TABLE_DTYPES = ("float32", "float16")
 ACTIVATIONS = ("swiglu", "geglu", "gelu_tanh")
 MASK_KINDS = ("causal", "prefix")
 ATTENTION_SCALINGS = ("standard", "layer_scaled")
@@ -87,7 +88,9 @@ class GLMConfig:
     rope_kind: str = "interleaved"
     rotary_dim: int = 64
     rope_base: float = 10000.0
-    # ChatGLM-6B/GLM-130B build their RoPE tables in fp16; "float32" builds them in fp32.
+    # "float32": RoPE tables built in fp32 (ChatGLM2 and later). "float16": ChatGLM-6B / GLM-130B,
+    # whose inv_freq is rounded to fp16 and the tables then built in the model's dtype (see
+    # glmrt.ops.rope_tables: all fp16 in an fp16 model, fp32 products in an fp32 one).
     rope_table_dtype: str = "float32"
 
     qkv_bias: bool = True
@@ -127,6 +130,8 @@ class GLMConfig:
         need(self.norm_kind in NORM_KINDS, f"norm_kind {self.norm_kind!r} not in {NORM_KINDS}")
         need(self.norm_placement in NORM_PLACEMENTS, f"norm_placement {self.norm_placement!r} not in {NORM_PLACEMENTS}")
         need(self.rope_kind in ROPE_KINDS, f"rope_kind {self.rope_kind!r} not in {ROPE_KINDS}")
+        need(self.rope_table_dtype in ROPE_TABLE_DTYPES,
+             f"rope_table_dtype {self.rope_table_dtype!r} not in {ROPE_TABLE_DTYPES}")
         need(self.activation in ACTIVATIONS, f"activation {self.activation!r} not in {ACTIVATIONS}")
         need(self.mask_kind in MASK_KINDS, f"mask_kind {self.mask_kind!r} not in {MASK_KINDS}")
         need(self.attention_scaling in ATTENTION_SCALINGS,

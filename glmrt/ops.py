@@ -151,15 +151,29 @@ def residual_norm(ctx: ForwardContext, node: Node, inputs: list[Tensor], params:
 # ----------------------------------------------------------------------------- rotary embeddings
 def rope_tables(positions: Tensor, rotary_dim: int, base: float, dtype: torch.dtype,
                 table_dtype: str) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (B, T, rotary_dim // 2) for the frequencies 1 / base^(2i / rotary_dim).
+    """cos/sin of shape (B, T, rotary_dim // 2), in ``dtype``, for the frequencies 1 / base^(2i / rotary_dim).
 
-    With table_dtype "float16" the tables are built the way ChatGLM-6B's code builds them:
-    inv_freq, positions and their product in fp16."""
+    table_dtype "float32" (ChatGLM2 and later, transformers glm/glm4): frequencies, angles and cos/sin
+    in fp32, rounded once to ``dtype`` (the releases cast their cached table to the model dtype).
+
+    table_dtype "float16" (ChatGLM-6B, GLM-130B): their RotaryEmbedding rounds inv_freq to fp16 in
+    its constructor and registers it as a buffer, which ``model.half()`` / ``.float()`` /
+    ``.bfloat16()`` convert along with the weights; the tables are then built at run time in the
+    buffer's dtype (``t = arange(seq_len, dtype=inv_freq.dtype)``, their product, cos/sin). So the
+    table follows the model dtype from fp16-rounded frequencies:
+      float16  - positions, product and cos/sin in fp16 (the released fp16 models);
+      float32  - positions x fp16-rounded frequencies, and cos/sin, in fp32;
+      bfloat16 - frequencies rounded to fp16 then to bf16, positions rounded to bf16 (exact up to
+                 256 only), product and cos/sin in bf16. The originals' ``precision == bfloat16``
+                 branch (cos/sin of fp32 angles) is never taken: ChatGLM-6B passes precision=half,
+                 SwissArmyTransformer 0.2's GLM-130B mixin half or float.
+    """
     idx = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = 1.0 / (base ** (idx / rotary_dim))
     if table_dtype == "float16":
-        angles = positions.to(torch.float16)[..., None] * inv_freq.to(torch.float16)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        inv_freq = inv_freq.to(torch.float16).to(dtype)
+        angles = positions.to(dtype)[..., None] * inv_freq  # (B, T, rd/2), in the model dtype
+        return angles.cos(), angles.sin()
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

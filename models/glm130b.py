@@ -60,7 +60,7 @@ def config_from_dict(raw: dict) -> GLMConfig:
         rope_kind="2d" if two_d else "half",
         rotary_dim=head_dim,
         rope_base=10000.0,
-        rope_table_dtype="float16" if raw.get("fp16", True) else "float32",
+        rope_table_dtype="float16",  # SAT rounds inv_freq to fp16 whatever --fp16 says
         qkv_bias=True, dense_bias=True, mlp_bias=True,
         activation="geglu",
         mask_kind="prefix",

@@ -87,7 +87,7 @@ ATTENTION_MAX_HEAD_DIM = 256
 ATTENTION_SCALINGS = ("standard", "layer_scaled")
 # glmrt.ops.rope's kinds, numbered as native/gpu/rope.h (and the CPU kernel) number them.
 ROPE_KIND_CODES = {"interleaved": 0, "half": 1, "2d": 2}
-# The table dtypes glmrt.ops.rope_tables builds ("float16": ChatGLM-6B's fp16 angles).
+# The table rules glmrt.ops.rope_tables knows ("float16": ChatGLM-6B / GLM-130B, fp16-rounded frequencies).
 ROPE_TABLE_DTYPES = ("float32", "float16")
 
 

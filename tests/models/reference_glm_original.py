@@ -7,9 +7,13 @@ ChatGLM-6B -- THUDM's model-hub `modeling_chatglm.py` / `tokenization_chatglm.py
 ids 130000+):
   * `RotaryEmbedding(dim, base=10000, precision=torch.half)`: `inv_freq = 1/(base**(arange(0,dim,2).float()/dim))`
     then `inv_freq = inv_freq.half()`; `t = arange(seq_len, dtype=inv_freq.dtype)`;
-    `freqs = einsum('i,j->ij', t, inv_freq)`; `emb = cat(freqs, freqs)`; `cos/sin = emb.cos()/sin()`
-    -- i.e. the whole table is computed in fp16 (unless the module is later converted with
-    `.float()`, which also converts the `inv_freq` buffer; see `rope_precision` below).
+    `freqs = einsum('i,j->ij', t, inv_freq)`; `emb = cat(freqs, freqs)`; `cos/sin = emb.cos()/sin()`.
+    `inv_freq` is a registered buffer, so `model.half()` / `.float()` / `.bfloat16()` (Module._apply)
+    convert it with the weights, and the table is built at run time in that dtype (fp16 for the
+    released `.half()` model, fp32 products of the fp16-rounded frequencies after `.float()`, all
+    bf16 after `.bfloat16()`); the cos/sin caches are plain attributes, rebuilt from the buffer.
+    `precision` is always torch.half here, so its bf16 branch (cos/sin of fp32 angles) never runs.
+    See `rope_precision` below.
   * `apply_rotary_pos_emb_index`: `F.embedding(position_id, cos.squeeze(1)).unsqueeze(2)`,
     `q*cos + rotate_half(q)*sin` with `rotate_half = cat(-x2, x1)` (NeoX pairing).
   * `SelfAttention.forward`: `mixed_raw_layer.view(sq, b, np, 3*hn)`, split in three (per-head
@@ -31,9 +35,11 @@ ids 130000+):
 
 GLM-130B -- SwissArmyTransformer `SwissArmyTransformer/model/official/glm130B_model.py` (the package
 the GLM-130B repo imports) and the GLM-130B repo's `generate.py`:
-  * RotaryEmbedding from `SwissArmyTransformer.model.position_embedding` (the version with
-    `inv_freq = inv_freq.half()`; `GLM130B(args).half()` in initialize.py anyway): fp16 tables,
-    1-D, over the whole head.
+  * RotaryEmbedding from `SwissArmyTransformer.model.position_embedding` (0.2.x, the version
+    GLM-130B uses: `inv_freq = inv_freq.half()` whatever `--fp16` says, a registered buffer, the
+    table built in the buffer's dtype; the mixin passes `precision=torch.half if fp16 else
+    torch.float`, so the bf16 branch never runs): 1-D, over the whole head. `GLM130B(args).half()`
+    in initialize.py makes it fp16 in the release; a `.float()` model builds it in fp32.
   * attention as above (mask skip rule: `attention_mask.shape[-2] == 1 and (mask > 0).all()`), the
     `SelfAttentionWithFP32SoftmaxMixin` non-fused path.
   * `DeepNormWithGLUMixin.layer_forward`: alpha = (2 * num_layers) ** 0.5.
@@ -50,12 +56,15 @@ the GLM-130B repo imports) and the GLM-130B repo's `generate.py`:
     [MASK] takes precedence over [gMASK].
 
 Precision: the originals run fp16 weights; these references compute in whatever dtype the weights
-are given in. RoPE tables: `rope_precision="half"` keeps fp16 tables whatever the weights' dtype
-(the buffer never converted); `rope_precision=<the model dtype>` is the model converted with
-.half() / .bfloat16() / .float(), tables built in that dtype from the fp16-rounded frequencies
-(test_original_code_half_precision.py). The original's non-fused softmax path casts probabilities
-back with `.half()` (GLM-130B) or to the score dtype (ChatGLM-6B); here they are cast back to the
-model dtype. ChatGLM2Reference below is THUDM's later code (ChatGLM2/3, GLM-4-9B).
+are given in, as the original converted to that dtype does. RoPE tables: the inv_freq buffer follows
+the weights (`rope_precision="model"`, the default: the model converted with .half() / .bfloat16()
+/ .float(), tables built in that dtype from the fp16-rounded frequencies); `rope_precision=<a
+dtype>` converts it to that dtype whatever the weights are; `rope_precision="half"` keeps it fp16
+(a float32 module that was never converted, e.g. built under an fp32 default dtype without
+`.float()`), `"float"` fp32 (test_original_code_half_precision.py). The original's non-fused
+softmax path casts probabilities back with `.half()` (GLM-130B) or to the score dtype
+(ChatGLM-6B); here they are cast back to the model dtype. ChatGLM2Reference below is THUDM's later
+code (ChatGLM2/3, GLM-4-9B).
 """
 
 from __future__ import annotations
@@ -73,29 +82,28 @@ Tensor = torch.Tensor
 class RotaryEmbedding:
     """THUDM's / SAT's RotaryEmbedding (the `inv_freq = inv_freq.half()` version).
 
-    rope_precision="half": inv_freq in fp16, t in fp16, their product in fp16, cos/sin of the fp16
-    angles (what the released fp16 models compute; also what ChatGLM-6B computes when loaded in fp32
-    without calling `.float()` on the module).
-    rope_precision="float": the buffer converted to fp32 (what `model.float()` does to ChatGLM-6B)."""
+    rope_precision="model": the inv_freq buffer converted to the dtype of the tensor the table is
+    built for (what `model.float()` / `.half()` / `.bfloat16()` do to the registered buffer), so
+    positions, their product with the fp16-rounded frequencies and cos/sin are in the model dtype.
+    A torch dtype: the buffer converted to that dtype. "half": the buffer left in fp16 (an fp16
+    table whatever the weights are); "float": converted to fp32."""
 
-    def __init__(self, dim: int, base: float = 10000, rope_precision: str | torch.dtype = "half"):
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
-        inv_freq = inv_freq.half()
-        if isinstance(rope_precision, torch.dtype):
-            # the whole module converted, model.half() / .bfloat16() / .float(): Module._apply casts
-            # the (fp16-rounded) buffer, and __call__ below then builds the tables in that dtype.
-            # ChatGLM-6B passes precision=torch.half and GLM-130B torch.half/torch.float, so the
-            # `precision == torch.bfloat16` branch of the original forward is never taken.
-            inv_freq = inv_freq.to(rope_precision)
-        elif rope_precision == "float":
-            inv_freq = inv_freq.float()  # Module._apply on the registered buffer
-        elif rope_precision != "half":
+    def __init__(self, dim: int, base: float = 10000, rope_precision: str | torch.dtype = "model"):
+        named = {"model": None, "half": torch.float16, "float": torch.float32}
+        if not isinstance(rope_precision, torch.dtype) and rope_precision not in named:
             raise ValueError(rope_precision)
-        self.inv_freq = inv_freq
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.inv_freq = inv_freq.half()
+        # The dtype Module._apply gives the registered buffer (None: the one the module, and so the
+        # tensor the table is built for, was converted to). ChatGLM-6B passes precision=torch.half
+        # and GLM-130B torch.half / torch.float, so the original forward's `precision ==
+        # torch.bfloat16` branch (cos/sin of fp32 angles) is never taken.
+        self.buffer_dtype = rope_precision if isinstance(rope_precision, torch.dtype) else named[rope_precision]
 
     def __call__(self, x: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
-        t = torch.arange(seq_len, device=x.device, dtype=self.inv_freq.dtype)
-        freqs = torch.einsum("i,j->ij", t, self.inv_freq.to(x.device))
+        inv_freq = self.inv_freq.to(self.buffer_dtype or x.dtype)
+        t = torch.arange(seq_len, device=x.device, dtype=inv_freq.dtype)
+        freqs = torch.einsum("i,j->ij", t, inv_freq.to(x.device))
         emb = torch.cat((freqs, freqs), dim=-1).to(x.device)
         cos_cached = emb.cos()[:, None, :]  # [sx, 1, hn]
         sin_cached = emb.sin()[:, None, :]
@@ -186,7 +194,7 @@ class ChatGLM6BReference:
 
     RESIDUAL_NUM_LAYERS = 28  # GLMBlock's default, never overridden by ChatGLMModel.get_layer
 
-    def __init__(self, state_dict: dict[str, Tensor], config: dict, rope_precision: str = "half"):
+    def __init__(self, state_dict: dict[str, Tensor], config: dict, rope_precision: str | torch.dtype = "model"):
         self.sd = state_dict
         self.cfg = config
         self.hidden_size = int(config["hidden_size"])
@@ -362,7 +370,8 @@ class GLM130BReference:
     `module` state dicts of mp_rank_00 .. mp_rank_{P-1}, exactly as saved (no merging)."""
 
     def __init__(self, ranks: Sequence[dict[str, Tensor]], num_layers: int, hidden_size: int,
-                 num_attention_heads: int, layernorm_epsilon: float = 1e-5, rope_precision: str = "half"):
+                 num_attention_heads: int, layernorm_epsilon: float = 1e-5,
+                 rope_precision: str | torch.dtype = "model"):
         self.ranks = list(ranks)
         self.P = len(self.ranks)
         self.num_layers = num_layers

@@ -180,15 +180,33 @@ def test_residual_alpha_is_hard_coded_28(model, reference, state_dict):
     assert _max_diff(got, reference.forward(ids)) <= ATOL
 
 
-def test_rope_tables_are_fp16_like_the_original(model, reference, state_dict):
-    """The original builds cos/sin from fp16 inv_freq * fp16 positions (RotaryEmbedding with
-    inv_freq.half()). On the long prompt, fp32 tables (what `model.float()` would give, since it
-    converts the inv_freq buffer) differ by more than the tolerance: glmrt must match the fp16 ones."""
+def test_rope_tables_follow_the_model_dtype_like_the_original(model, reference, state_dict):
+    """The original rounds inv_freq to fp16 in its constructor but builds cos/sin at run time in
+    the dtype the buffer has then: in this float32 model (`model.float()`) the positions times the
+    fp16-rounded frequencies, and cos/sin, are fp32. A table kept in fp16 (glmrt's old rule)
+    differs by more than the tolerance on the long prompt."""
     ids = torch.tensor([LONG_PROMPT])
-    fp32_tables = ChatGLM6BReference(state_dict, CONFIG, rope_precision="float").forward(ids)
+    fp16_tables = ChatGLM6BReference(state_dict, CONFIG, rope_precision="half").forward(ids)
     ref = reference.forward(ids)
-    assert _max_diff(fp32_tables, ref) > ATOL  # the test can tell the two apart
+    assert _max_diff(fp16_tables, ref) > ATOL  # the test can tell the two apart
     assert _max_diff(model.logits(ids), ref) <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [HEAD_DIM // 2, 64, 128])  # this test's 2-D halves, ChatGLM-6B's, GLM-130B's
+def test_rope_tables_equal_the_originals_in_every_dtype(dtype, dim):
+    """glmrt's tables (every backend's kernels read them) are the original RotaryEmbedding's rows,
+    bit for bit, in each dtype the model can run in: fp16 throughout in fp16, fp32 products of
+    the fp16 frequencies in fp32, bf16 frequencies, positions (rounded above 256) and cos/sin in bf16."""
+    from glmrt.ops import rope_tables
+
+    from reference_glm_original import RotaryEmbedding
+    positions = torch.tensor([[0, 1, 5, 37, 255, 257, 300, 1000, 2047], [2047, 3, 2, 1, 0, 0, 9, 99, 513]])
+    cos, sin = RotaryEmbedding(dim)(torch.zeros(1, dtype=dtype), seq_len=2048)  # [S, 1, dim]
+    got_cos, got_sin = rope_tables(positions, dim, 10000.0, dtype, "float16")  # (B, T, dim / 2)
+    assert got_cos.dtype == got_sin.dtype == dtype
+    assert torch.equal(got_cos, cos[positions, 0, : dim // 2])
+    assert torch.equal(got_sin, sin[positions, 0, : dim // 2])
 
 
 def test_rotary_inv_freq_in_checkpoint_is_ignored(state_dict, reference, tmp_path):

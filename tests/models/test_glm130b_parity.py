@@ -210,19 +210,20 @@ def test_one_rank_and_eight_ranks_give_identical_logits(models):
         assert torch.equal(a, b), _max_diff(a, b)
 
 
-def test_rope_tables_are_fp16_like_the_original(model, reference, ranks8):
-    """SAT's RotaryEmbedding (inv_freq.half(), fp16 t and product; the model is .half()-ed by
-    GLM-130B's initialize.py): fp32 tables would differ by more than the tolerance here."""
-    fp32_tables = GLM130BReference(ranks8, LAYERS, HIDDEN, HEADS, rope_precision="float")
+def test_rope_tables_follow_the_model_dtype_like_the_original(model, reference, ranks8):
+    """SAT's RotaryEmbedding rounds inv_freq to fp16 (a registered buffer) and builds the table in
+    the buffer's dtype at run time: fp16 in the released `.half()` model, fp32 products of the
+    fp16-rounded frequencies in this float32 one. A table kept in fp16 differs by more than the
+    tolerance here."""
+    fp16_tables = GLM130BReference(ranks8, LAYERS, HIDDEN, HEADS, rope_precision="half")
     ref = reference.logits_for_prompt(LONG_PROMPT, MASK, GMASK)
-    assert _max_diff(fp32_tables.logits_for_prompt(LONG_PROMPT, MASK, GMASK), ref) > ATOL
+    assert _max_diff(fp16_tables.logits_for_prompt(LONG_PROMPT, MASK, GMASK), ref) > ATOL
     assert _max_diff(model.logits(torch.tensor([LONG_PROMPT])), ref) <= ATOL
 
 
-def test_rope_tables_are_fp16_even_without_the_fp16_flag(ranks8, reference, tmp_path):
+def test_rope_frequencies_are_fp16_rounded_even_without_the_fp16_flag(ranks8, reference, tmp_path):
     """SwissArmyTransformer's RotaryEmbedding casts inv_freq to half unconditionally (precision only
-    changes the bf16 path), and GLM-130B's initialize.py runs GLM130B(args).half(): a script without
-    --fp16 still gets fp16 tables in the original."""
+    changes the bf16 path): a script without --fp16 still gets the fp16-rounded frequencies."""
     m = load(write_sat(tmp_path / "sat", ranks8, precision_flag="--skip-init"))
     ref = reference.logits_for_prompt(LONG_PROMPT, MASK, GMASK)
     assert _max_diff(m.logits(torch.tensor([LONG_PROMPT])), ref) <= ATOL

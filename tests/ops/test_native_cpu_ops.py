@@ -154,23 +154,22 @@ def rope_node(cfg, dtype):
     return next(n for n in graph.nodes if n.op == "rope")
 
 
-def published_angles(positions, dims, base, table_dtype):
+def published_angles(positions, dims, base, table_dtype, dtype):
     """Rotation angles as the releases' own code builds them: theta_i = base^(-2i/dims) in fp32;
     the product with the position in fp32 (ChatGLM2+/GLM-4: torch.outer(seq_idx, theta)), or, for
-    ChatGLM-6B / GLM-130B in half precision, inv_freq, positions and their product in fp16."""
+    ChatGLM-6B / GLM-130B, theta rounded to fp16 (a buffer that then takes the model dtype) and
+    positions and their product in the model dtype."""
     theta = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims))
     if table_dtype == "float16":
-        return (positions.half()[..., None] * theta.half()).double()
+        return (positions.to(dtype)[..., None] * theta.half().to(dtype)).double()
     return (positions.float()[..., None] * theta).double()
 
 
 def rotate_formula(x, angles, pairing, dtype, table_dtype):
     """x (B, T, H, d) float64; angles (B, T, n): rotate n pairs, (a, b) -> (a cos - b sin, b cos + a sin).
-    cos and sin are stored in the model dtype (the releases cast the cache to it), after being
-    computed in fp16 from the fp16 angles where the tables are built in half precision."""
+    cos and sin are stored in the model dtype (the releases cast the cache to it, or compute it
+    in that dtype)."""
     cos, sin = angles.cos(), angles.sin()
-    if table_dtype == "float16":
-        cos, sin = cos.half(), sin.half()
     cos = cos.to(dtype).double()[:, :, None]  # (B, T, 1, n)
     sin = sin.to(dtype).double()[:, :, None]
     n = angles.shape[-1]
@@ -193,11 +192,11 @@ def rope_formula(qkv, positions, cfg, dtype):
     def apply(t):
         if cfg.rope_kind == "2d":  # halves: position, then block position; NeoX pairing in each
             half = hd // 2
-            a1 = published_angles(positions[:, 0], half, cfg.rope_base, cfg.rope_table_dtype)
-            a2 = published_angles(positions[:, 1], half, cfg.rope_base, cfg.rope_table_dtype)
+            a1 = published_angles(positions[:, 0], half, cfg.rope_base, cfg.rope_table_dtype, dtype)
+            a2 = published_angles(positions[:, 1], half, cfg.rope_base, cfg.rope_table_dtype, dtype)
             return torch.cat((rotate_formula(t[..., :half], a1, "half", dtype, cfg.rope_table_dtype),
                               rotate_formula(t[..., half:], a2, "half", dtype, cfg.rope_table_dtype)), dim=-1)
-        angles = published_angles(positions, cfg.rotary_dim, cfg.rope_base, cfg.rope_table_dtype)
+        angles = published_angles(positions, cfg.rotary_dim, cfg.rope_base, cfg.rope_table_dtype, dtype)
         return rotate_formula(t, angles, cfg.rope_kind, dtype, cfg.rope_table_dtype)
 
     return apply(q), apply(k), v
