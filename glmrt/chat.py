@@ -473,8 +473,8 @@ class StreamDecoder:
 
     def feed(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        before = self._tokenizer.decode(self._ids[self._prefix:self._read], self._skip_special)
-        after = self._tokenizer.decode(self._ids[self._prefix:], self._skip_special)
+        before = self._tokenizer.decode_generated(self._ids[self._prefix:self._read], self._skip_special)
+        after = self._tokenizer.decode_generated(self._ids[self._prefix:], self._skip_special)
         if after.endswith("\ufffd") or len(after) < len(before):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
@@ -485,7 +485,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character comes out as U+FFFD)."""
-        before = self._tokenizer.decode(self._ids[self._prefix:self._read], self._skip_special)
-        after = self._tokenizer.decode(self._ids[self._prefix:], self._skip_special)
+        before = self._tokenizer.decode_generated(self._ids[self._prefix:self._read], self._skip_special)
+        after = self._tokenizer.decode_generated(self._ids[self._prefix:], self._skip_special)
         self._prefix = self._read = len(self._ids)
         return after[len(before):]

@@ -266,6 +266,8 @@ def _cmd_run(args) -> int:
         if model.config.gmask_token_id is not None and model.config.sop_token_id is not None:
             prompt = model.build_inputs(prompt)
     gen_kwargs = {k: getattr(args, k) for k in _GENERATION_FLAGS}
+    if tokenizer is not None:  # the reply is shown as text: never generate ids the tokenizer has none for
+        gen_kwargs["vocab_limit"] = model.text_vocab_limit()
     tokens: list[int] = []
     t1 = time.perf_counter()
     first = None
@@ -283,7 +285,7 @@ def _cmd_run(args) -> int:
               "ttft_s": round(first, 4) if first is not None else None,
               "tpot_s": round(decode, 4) if decode is not None else None}
     if tokenizer is not None:
-        result["text"] = tokenizer.decode(tokens)
+        result["text"] = tokenizer.decode_generated(tokens)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

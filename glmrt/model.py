@@ -147,18 +147,24 @@ class Model:
     def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                attention_mask=None, eos_token_id: int | Sequence[int] | None = None,
-               pad_token_id: int | None = None) -> Iterator[torch.Tensor]:
+               pad_token_id: int | None = None, *, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every prompt, a LongTensor of shape (B,), one step at a time.
 
         Rows that reached an eos id get the pad id from then on; the iterator ends when every row
-        has finished or after max_new_tokens steps."""
+        has finished or after max_new_tokens steps. ``vocab_limit``: only ids below it are
+        generated (text generation passes the tokenizer's vocabulary size: GLM-4's 151552
+        outputs, for instance, end in 209 padded ids that no text has)."""
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
+                                        or not 0 < vocab_limit <= self.config.vocab_size):
+            raise InputError(f"vocab_limit must be an integer in [1, {self.config.vocab_size}] (the model's "
+                             f"vocabulary), got {vocab_limit!r}")
         ids, mask = self._as_batch(input_ids, attention_mask)
-        return self._stream(ids, mask, max_new_tokens, params, eos_token_id, pad_token_id)
+        return self._stream(ids, mask, max_new_tokens, params, eos_token_id, pad_token_id, vocab_limit)
 
-    def _stream(self, ids, mask, max_new_tokens, params, eos_token_id, pad_token_id):
+    def _stream(self, ids, mask, max_new_tokens, params, eos_token_id, pad_token_id, vocab_limit):
         cfg = self.config
         B, T = ids.shape
         total = T + max_new_tokens
@@ -190,7 +196,7 @@ class Model:
                 finished = torch.zeros(B, dtype=torch.bool, device=self.device)
             for step in range(max_new_tokens):
                 with torch.inference_mode():
-                    token = next_tokens(logits, seen, params, generator)
+                    token = next_tokens(logits, seen, params, generator, vocab_limit)
                     token = torch.where(finished, torch.full_like(token, pad), token)
                     finished = finished | torch.isin(token, eos_t)
                 try:
@@ -243,11 +249,13 @@ class Model:
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  attention_mask=None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """Prompt + new tokens, (B, T + n), like transformers' generate (n <= max_new_tokens)."""
+                 pad_token_id: int | None = None, *, vocab_limit: int | None = None) -> torch.Tensor:
+        """Prompt + new tokens, (B, T + n), like transformers' generate (n <= max_new_tokens).
+        ``vocab_limit`` as in stream()."""
         ids, _ = self._as_batch(input_ids, attention_mask)
         new = list(self.stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
-                               repetition_penalty, seed, attention_mask, eos_token_id, pad_token_id))
+                               repetition_penalty, seed, attention_mask, eos_token_id, pad_token_id,
+                               vocab_limit=vocab_limit))
         if not new:
             return ids
         return torch.cat((ids, torch.stack(new, dim=1)), dim=1)
@@ -271,6 +279,14 @@ class Model:
                              "its tokenizer files, or work with token ids")
         return self.tokenizer
 
+    def text_vocab_limit(self) -> int | None:
+        """The vocab_limit text generation passes: the tokenizer's vocabulary when the model has
+        more outputs than the tokenizer has ids (padded embedding rows), else None."""
+        tokenizer = self.tokenizer
+        if tokenizer is None or tokenizer.vocab_size >= self.config.vocab_size:
+            return None
+        return tokenizer.vocab_size
+
     def chat_stream(self, messages, tools=None, **generation) -> Iterator[str]:
         """Stream the assistant's reply as text; a multi-byte character is never split."""
         from .chat import StreamDecoder, build_prompt, stop_ids
@@ -278,6 +294,7 @@ class Model:
         prompt = build_prompt(self.chat_family, tokenizer, messages, tools)
         stops = stop_ids(self.chat_family, tokenizer)
         generation.setdefault("max_new_tokens", 256)
+        generation.setdefault("vocab_limit", self.text_vocab_limit())
         decoder = StreamDecoder(tokenizer)
         for step in self.stream([prompt], eos_token_id=stops, **generation):
             token = int(step[0])
@@ -299,10 +316,11 @@ class Model:
         prompt = build_prompt(self.chat_family, tokenizer, messages, tools)
         stops = stop_ids(self.chat_family, tokenizer)
         generation.setdefault("max_new_tokens", 256)
+        generation.setdefault("vocab_limit", self.text_vocab_limit())
         out = self.generate([prompt], eos_token_id=stops, **generation)[0, len(prompt):].tolist()
         while out and out[-1] in stops:
             out.pop()
-        reply = parse_reply(self.chat_family, tokenizer.decode(out, skip_special=False))
+        reply = parse_reply(self.chat_family, tokenizer.decode_generated(out, skip_special=False))
         reply["token_ids"] = out
         return reply
 

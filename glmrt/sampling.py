@@ -60,9 +60,14 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+                generator: torch.Generator | None, vocab_limit: int | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). With vocab_limit, ids >= vocab_limit are never chosen (a
+    model's padded output rows, which its tokenizer has no text for)."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if not params.do_sample:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature

@@ -97,6 +97,23 @@ class Tokenizer(ABC):
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry of an id (a SentencePiece piece, a BPE token, a special's name)."""
 
+    def decode_generated(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """decode() for ids a model generated: an id outside this tokenizer's vocabulary (a padded
+        output row of the model) becomes U+FFFD instead of an error, so a reply is never lost.
+        Runs of known ids decode together, exactly as decode() does."""
+        out, run = [], []
+        for i in (int(t) for t in ids):
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.decode(run, skip_special))
+                run = []
+            out.append("\ufffd")
+        if run or not out:
+            out.append(self.decode(run, skip_special))
+        return "".join(out)
+
     def token_to_id(self, token: str) -> int:
         if token in self.special:
             return self.special[token]
@@ -315,6 +332,9 @@ class ChatGLMSentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids if int(i) not in self._silent]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the {self.family} vocabulary (size {self.vocab_size})")
         if skip_special:
             return self._sp.decode([i for i in ids if i not in self._id_to_special])
         # The release decodes the runs between command tokens separately, writing each command as text.
