@@ -242,10 +242,39 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
     for i, (canonical, source) in enumerate(items):
         tensors = [files.get(n) for n in source.names]
         value = source.build(tensors).to(expected[canonical][1]).contiguous()
+        if value.is_floating_point() and value.numel():
+            _check_finite(value, source.names, tensors, files.directory)
         out[canonical] = value
         if progress is not None:
             progress(i + 1, len(items))
     return out
+
+
+def _check_finite(value: torch.Tensor, names, tensors: list[torch.Tensor], directory) -> None:
+    """Refuse NaN/Inf weights (they would load silently and make every logit NaN, so greedy
+    decoding emits token 0 forever), naming the checkpoint tensor. One reduction over the
+    converted tensor (no copy); the stored tensors are looked at only to explain a failure."""
+    lo, hi = torch.aminmax(value)  # NaN propagates into both, Inf shows as an extreme
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    for name, t in zip(names, tensors):
+        if not t.is_floating_point() or not t.numel():
+            continue
+        t_lo, t_hi = torch.aminmax(t)
+        if bool(torch.isnan(t_lo)):
+            raise CheckpointError(f"tensor {name} in {directory} holds NaN values: the weights are corrupt (or were "
+                                  "saved from a diverged run); restore the checkpoint from its release")
+        if not bool(torch.isfinite(t_lo) & torch.isfinite(t_hi)):
+            raise CheckpointError(f"tensor {name} in {directory} holds infinite values: the weights are corrupt; "
+                                  "restore the checkpoint from its release")
+        biggest = max(abs(float(t_lo)), abs(float(t_hi)))
+        limit = torch.finfo(value.dtype).max
+        if biggest > limit:
+            raise CheckpointError(f"tensor {name} in {directory} holds values up to {biggest:.4g}, beyond what "
+                                  f"{str(value.dtype).removeprefix('torch.')} can hold ({limit:.4g}): load the model "
+                                  "in a wider dtype (dtype='float32' or 'bfloat16')")
+    raise CheckpointError(f"tensor {', '.join(names)} in {directory} is not finite once converted to "
+                          f"{str(value.dtype).removeprefix('torch.')}: load the model in float32")
 
 
 def _combined_shape(shapes: list[tuple[int, ...]], source) -> tuple[int, ...]:
