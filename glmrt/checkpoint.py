@@ -207,6 +207,13 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
             problems.append(f"missing tensor {', '.join(absent)} (needed for {canonical})")
             continue
         used.update(source.names)
+        if expected[canonical][1].is_floating_point:  # an integer tensor would be cast to float silently
+            ints = [f"{n} ({str(files.dtype(n)).removeprefix('torch.')})" for n in source.names
+                    if files.dtype(n) is not None and not files.dtype(n).is_floating_point]
+            if ints:
+                problems.append(f"tensor {', '.join(ints)} is not floating point, but {canonical} is a float "
+                                "weight (a quantized checkpoint needs its config's quantization entry)")
+                continue
         shapes = [files.shape(n) for n in source.names]
         want = expected[canonical][0]
         parts = source.expected_part_shapes(want)

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -365,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`glmrt presets --json | head`): stop quietly, as other command-line
+        # tools do. stdout now points at devnull, so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import threading
 from typing import Iterator, Sequence
 
@@ -12,7 +14,7 @@ from .errors import InputError
 from .graph import Graph
 from .lowering import Plan, execute
 from .ops import ForwardContext, KVCache
-from .sampling import SamplingParams, next_tokens
+from .sampling import SamplingParams, as_int, next_tokens
 
 
 class Model:
@@ -69,25 +71,40 @@ class Model:
 
     # ------------------------------------------------------------------ inputs
     def _as_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(input_ids, torch.Tensor) and hasattr(input_ids, "__array__") \
+                and not isinstance(input_ids, (list, tuple)):
+            input_ids = torch.as_tensor(input_ids)  # numpy arrays (and other array-likes)
         if isinstance(input_ids, torch.Tensor):
             ids = input_ids
         else:
+            if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__iter__"):
+                raise InputError(f"input_ids must be token ids (a list, a list of lists, a tensor or an array), got "
+                                 f"{type(input_ids).__name__}: encode text with the tokenizer first")
             seq = list(input_ids)
-            if seq and not isinstance(seq[0], (list, tuple, torch.Tensor)):
+            if seq and not isinstance(seq[0], (list, tuple, torch.Tensor)) and not hasattr(seq[0], "__array__"):
                 seq = [seq]
-            lengths = {len(s) for s in seq}
+            rows = []
+            for row in seq:
+                if isinstance(row, torch.Tensor) or hasattr(row, "__array__"):
+                    row = torch.as_tensor(row)
+                    if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+                        raise InputError(f"input_ids must be integers, got a {row.dtype} row")
+                    row = row.tolist()
+                if not isinstance(row, (list, tuple)):
+                    raise InputError(f"input_ids rows must be lists of token ids, got {type(row).__name__}")
+                rows.append([as_int("a token id in input_ids", i) for i in row])
+            lengths = {len(r) for r in rows}
             if len(lengths) > 1:
                 raise InputError("prompts of different lengths: left-pad them to one length and pass attention_mask "
                                  "(0 on padding), as with transformers")
-            try:
-                ids = torch.tensor([list(map(int, s)) for s in seq], dtype=torch.long)
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"input_ids must be integers: {exc}") from exc
+            ids = torch.tensor(rows, dtype=torch.long)
+            if not rows:
+                ids = ids.reshape(0, 0)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2:
             raise InputError(f"input_ids must have shape (T,) or (B, T), got {tuple(ids.shape)}")
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise InputError(f"input_ids must be an integer tensor, got {ids.dtype}")
         if ids.shape[1] == 0 or ids.shape[0] == 0:
             raise InputError("input_ids is empty: give at least one token per prompt")
@@ -103,15 +120,35 @@ class Model:
                 mask = mask[None]
             if tuple(mask.shape) != tuple(ids.shape):
                 raise InputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
-            mask = mask.to(torch.long)
-            if not bool(((mask == 0) | (mask == 1)).all()):
+            # Checked before any conversion: a float 0.5 would otherwise truncate to 0 (padding).
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
                 raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+            mask = mask.to(torch.long)
             if bool((mask[:, 1:] < mask[:, :-1]).any()):
                 raise InputError("attention_mask has padding after a token: glmrt expects LEFT padding "
                                  "(pad tokens first), like transformers' generate for decoder-only models")
             if bool((mask.sum(-1) == 0).any()):
                 raise InputError("a prompt in the batch is all padding")
         return ids.to(self.device), mask.to(self.device)
+
+    def _token_ids(self, name: str, value, allow_empty: bool = True) -> tuple[int, ...]:
+        """An id or a sequence of ids, each inside the vocabulary (an id beyond it could never be
+        generated, so an eos there would never stop anything)."""
+        if not isinstance(value, numbers.Integral) and (isinstance(value, torch.Tensor) or hasattr(value, "__array__")):
+            value = torch.as_tensor(value).reshape(-1).tolist()  # a tensor or array of ids
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            out = (int(value),)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            out = tuple(as_int(f"{name} entries", v) for v in value)
+        else:
+            raise InputError(f"{name} must be a token id or a list of token ids, got {value!r}")
+        if not out and not allow_empty:
+            raise InputError(f"{name} is empty")
+        V = self.config.vocab_size
+        bad = [i for i in out if not 0 <= i < V]
+        if bad:
+            raise InputError(f"{name} {bad[0]} is outside the vocabulary [0, {V}) of this model")
+        return out
 
     def _check_length(self, total: int) -> None:
         if total > self.config.max_positions:
@@ -155,26 +192,31 @@ class Model:
         generated (text generation passes the tokenizer's vocabulary size: GLM-4's 151552
         outputs, for instance, end in 209 padded ids that no text has)."""
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
                                         or not 0 < vocab_limit <= self.config.vocab_size):
             raise InputError(f"vocab_limit must be an integer in [1, {self.config.vocab_size}] (the model's "
                              f"vocabulary), got {vocab_limit!r}")
         ids, mask = self._as_batch(input_ids, attention_mask)
-        return self._stream(ids, mask, max_new_tokens, params, eos_token_id, pad_token_id, vocab_limit)
+        eos = self.config.eos_token_ids if eos_token_id is None else self._token_ids("eos_token_id", eos_token_id)
+        if pad_token_id is None:
+            pad = self.config.pad_token_id
+            if not 0 <= pad < self.config.vocab_size and ids.shape[0] > 1 and eos:
+                raise InputError(f"the config's pad_token_id {pad} is outside the vocabulary [0, "
+                                 f"{self.config.vocab_size}): pass pad_token_id= for rows that finish early")
+        else:
+            (pad,) = self._token_ids("pad_token_id", as_int("pad_token_id", pad_token_id))
+        return self._stream(ids, mask, max_new_tokens, params, eos, pad, vocab_limit)
 
-    def _stream(self, ids, mask, max_new_tokens, params, eos_token_id, pad_token_id, vocab_limit):
-        cfg = self.config
+    def _stream(self, ids, mask, max_new_tokens, params, eos, pad, vocab_limit):
         B, T = ids.shape
         total = T + max_new_tokens
         self._check_length(total)
         if max_new_tokens == 0:
             return
-        eos = cfg.eos_token_ids if eos_token_id is None else (
-            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
         eos_t = torch.tensor(eos if eos else [-1], device=self.device)
-        pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
@@ -287,14 +329,31 @@ class Model:
             return None
         return tokenizer.vocab_size
 
+    def _chat_generation(self, stops: list[int], generation: dict) -> tuple[list[int], dict]:
+        """The stop ids and generate() arguments of a chat turn. ``eos_token_id`` given to chat
+        adds stop ids to the release's; the prompt comes from the messages."""
+        for key in ("input_ids", "attention_mask"):
+            if key in generation:
+                raise InputError(f"chat builds input_ids from the messages: {key} cannot be given")
+        known = set(inspect.signature(Model.stream).parameters) - {"self", "input_ids", "attention_mask"}
+        unknown = sorted(set(generation) - known)
+        if unknown:
+            raise InputError(f"unknown generation argument(s) {', '.join(unknown)}: chat takes those of generate() "
+                             f"({', '.join(sorted(known))})")
+        extra = generation.pop("eos_token_id", None)
+        if extra is not None:
+            stops = list(dict.fromkeys(list(stops) + list(self._token_ids("eos_token_id", extra))))
+        generation.setdefault("max_new_tokens", 256)
+        generation.setdefault("vocab_limit", self.text_vocab_limit())
+        return stops, generation
+
     def chat_stream(self, messages, tools=None, **generation) -> Iterator[str]:
-        """Stream the assistant's reply as text; a multi-byte character is never split."""
+        """Stream the assistant's reply as text; a multi-byte character is never split.
+        ``generation``: generate()'s arguments (``eos_token_id`` adds stop ids to the release's)."""
         from .chat import StreamDecoder, build_prompt, stop_ids
         tokenizer = self._require_tokenizer()
         prompt = build_prompt(self.chat_family, tokenizer, messages, tools)
-        stops = stop_ids(self.chat_family, tokenizer)
-        generation.setdefault("max_new_tokens", 256)
-        generation.setdefault("vocab_limit", self.text_vocab_limit())
+        stops, generation = self._chat_generation(stop_ids(self.chat_family, tokenizer), generation)
         decoder = StreamDecoder(tokenizer)
         for step in self.stream([prompt], eos_token_id=stops, **generation):
             token = int(step[0])
@@ -314,9 +373,7 @@ class Model:
         from .chat import build_prompt, parse_reply, stop_ids
         tokenizer = self._require_tokenizer()
         prompt = build_prompt(self.chat_family, tokenizer, messages, tools)
-        stops = stop_ids(self.chat_family, tokenizer)
-        generation.setdefault("max_new_tokens", 256)
-        generation.setdefault("vocab_limit", self.text_vocab_limit())
+        stops, generation = self._chat_generation(stop_ids(self.chat_family, tokenizer), generation)
         out = self.generate([prompt], eos_token_id=stops, **generation)[0, len(prompt):].tolist()
         while out and out[-1] in stops:
             out.pop()

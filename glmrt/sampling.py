@@ -3,11 +3,33 @@ applied in that order (the order transformers applies its logits processors)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .errors import InputError
+
+# torch.Generator.manual_seed takes this range.
+SEED_RANGE = (-(2 ** 63), 2 ** 64)
+
+
+def _real(name: str, value) -> float:
+    """A finite real number (int or float, numpy scalars included; not bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def as_int(name: str, value) -> int:
+    """An integer (numpy integers included; not bool, not a float even if integral)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -20,14 +42,19 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
-        if self.top_k < 0:
+        if isinstance(self.do_sample, str) or self.do_sample not in (True, False):
+            raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
+        temperature = _real("temperature", self.temperature)
+        if temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
+        if as_int("top_k", self.top_k) < 0:
             raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < _real("top_p", self.top_p) <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if _real("repetition_penalty", self.repetition_penalty) <= 0:
             raise InputError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
+        if self.seed is not None and not SEED_RANGE[0] <= as_int("seed", self.seed) < SEED_RANGE[1]:
+            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

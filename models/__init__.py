@@ -9,10 +9,11 @@ Each generation module provides:
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
 
 from ..config import GLMConfig
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, GLMRTError, UnsupportedModelError
 from . import chatglm, chatglm6b, glm130b, glm_hf
 from .presets import PRESETS
 
@@ -37,9 +38,36 @@ def generation_for(raw: dict) -> ModuleType:
         "(GLM-family models only)")
 
 
+class _ReadLog(dict):
+    """A config dict that remembers the keys read, so that a value the mapping cannot use
+    (``"hidden_size": null``, a string for a number) is named in the error."""
+
+    def __init__(self, raw: dict):
+        super().__init__(raw)
+        self.read: list = []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.append(key)
+        return super().get(key, default)
+
+
 def config_from_dict(raw: dict) -> tuple[ModuleType, GLMConfig]:
     gen = generation_for(raw)
-    return gen, gen.config_from_dict(raw)
+    log = _ReadLog(raw)
+    try:
+        return gen, gen.config_from_dict(log)
+    except GLMRTError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:
+        key = next((k for k in reversed(log.read) if k in raw), None)
+        where = f"{key!r} is {json.dumps(raw[key], default=str)}" if key is not None else "a value"
+        raise ConfigError(f"config.json ({raw.get('model_type')}): {where}, which glmrt cannot read as the "
+                          f"model's setting ({type(exc).__name__}: {exc}); use the config.json shipped with the "
+                          "checkpoint") from exc
 
 
 def preset(name: str) -> dict:

@@ -6,21 +6,14 @@ the same leasing code; its own test needs CUDA)."""
 from __future__ import annotations
 
 import gc
-import json
 import threading
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from tiny_models import TINY_GLM4, write_checkpoint
 
 import glmrt
-from glmrt.api import synthetic_weights
-from glmrt.graph import build_graph
-from glmrt.models import config_from_dict
 
-TINY_GLM4 = {"model_type": "glm4", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
-             "max_position_embeddings": 256, "eos_token_id": [299], "pad_token_id": 0, "torch_dtype": "float32"}
 NEW = 8
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42, 43, 44], [100, 7, 230, 18, 3]]
 # Sampling makes every step depend on the logits (a corrupted cache changes the tokens), and the
@@ -28,25 +21,10 @@ PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42, 43, 44], [100, 7, 230, 18, 3]]
 SAMPLING = dict(do_sample=True, temperature=1.5, seed=3, eos_token_id=[])
 
 
-def write_tiny_checkpoint(directory):
-    (directory / "config.json").write_text(json.dumps(TINY_GLM4))
-    generation, cfg = config_from_dict(dict(TINY_GLM4))
-    graph = build_graph(cfg)
-    weights = synthetic_weights(graph, seed=7)
-    for name, spec in graph.params.items():  # N(0, 0.4) matrices: logits that depend on the context
-        if spec.role != "norm_weight":
-            weights[name] = weights[name] * 20
-    tensors = {}
-    for canonical, src in generation.weight_map(cfg).sources.items():
-        parts = weights[canonical].split(list(src.part_rows)) if src.part_rows else [weights[canonical]]
-        tensors.update({name: part.contiguous() for name, part in zip(src.names, parts)})
-    save_file(tensors, str(directory / "model.safetensors"))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return glmrt.load(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_glm4")), progress=False)
+    # N(0, 0.4) weights: logits that depend on the context, so a generation reading another's cache shows.
+    return glmrt.load(write_checkpoint(tmp_path_factory.mktemp("tiny_glm4"), TINY_GLM4, scale=20), progress=False)
 
 
 def alone(model, prompt, n=NEW):
@@ -143,7 +121,7 @@ def test_threads_generating_on_one_model_equal_sequential_runs(model, mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph decoding needs CUDA")
 def test_graph_mode_interleaved_and_threaded_on_cuda(tmp_path):
-    gpu = glmrt.load(write_tiny_checkpoint(tmp_path), backend="cuda", progress=False)
+    gpu = glmrt.load(write_checkpoint(tmp_path, TINY_GLM4, scale=20), backend="cuda", progress=False)
     gpu.decode_mode = "eager"
     want = [alone(gpu, p) for p in PROMPTS[:2]]
     gpu.decode_mode = "graph"

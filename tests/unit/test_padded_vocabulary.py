@@ -12,31 +12,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from tiny_models import thudm_config, write_checkpoint
 
 import glmrt
-from glmrt.api import synthetic_weights
-from glmrt.graph import build_graph
-from glmrt.models import config_from_dict
 from glmrt.sampling import SamplingParams, next_tokens
 
 EXTRA = 16  # model outputs beyond the tokenizer's ids, as in the releases' padded vocabularies
-
-
-def write_thudm_checkpoint(directory, vocab: int, eos):
-    raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 1, "hidden_size": 32,
-           "ffn_hidden_size": 48, "kv_channels": 8, "num_attention_heads": 4, "multi_query_attention": True,
-           "multi_query_group_num": 2, "padded_vocab_size": vocab, "layernorm_epsilon": 1e-5, "rmsnorm": True,
-           "add_qkv_bias": True, "seq_length": 512, "eos_token_id": eos, "pad_token_id": 0,
-           "torch_dtype": "float32"}
-    (directory / "config.json").write_text(json.dumps(raw))
-    generation, cfg = config_from_dict(raw)
-    weights = synthetic_weights(build_graph(cfg), seed=7)
-    tensors = {}
-    for canonical, src in generation.weight_map(cfg).sources.items():
-        parts = weights[canonical].split(list(src.part_rows)) if src.part_rows else [weights[canonical]]
-        tensors.update({name: part.contiguous() for name, part in zip(src.names, parts)})
-    save_file(tensors, str(directory / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +25,7 @@ def glm4_dir(tiktoken_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("glm4_padded")
     shutil.copy(tiktoken_dir / "tokenizer.model", d / "tokenizer.model")
     ranks = len((d / "tokenizer.model").read_text().splitlines())
-    write_thudm_checkpoint(d, vocab=ranks + 14 + EXTRA, eos=[ranks, ranks + 7, ranks + 9])
+    write_checkpoint(d, thudm_config(vocab=ranks + 14 + EXTRA, eos=[ranks, ranks + 7, ranks + 9]))
     return d
 
 
@@ -55,7 +36,7 @@ def chatglm3_dir(sp_dir, tmp_path_factory):
     (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens": ["<|observation|>"]}))
     import sentencepiece
     n = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).vocab_size()
-    write_thudm_checkpoint(d, vocab=n + 9 + EXTRA, eos=2)
+    write_checkpoint(d, thudm_config(vocab=n + 9 + EXTRA, eos=2))
     return d
 
 
