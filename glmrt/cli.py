@@ -22,7 +22,7 @@ from .errors import GLMRTError
 _GENERATION_FLAGS = {
     "max_new_tokens": (int, "number of tokens to generate"),
     "do_sample": (bool, "sample instead of greedy decoding"),
-    "temperature": (float, "sampling temperature"),
+    "temperature": (float, "sampling temperature (0: greedy decoding)"),
     "top_k": (int, "keep the k most likely tokens (0: off)"),
     "top_p": (float, "nucleus sampling mass (1.0: off)"),
     "repetition_penalty": (float, "penalty for tokens already in the sequence (1.0: off)"),

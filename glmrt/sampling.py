@@ -34,6 +34,11 @@ def as_int(name: str, value) -> int:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen. temperature=0 means greedy decoding whatever do_sample says
+    (the limit of sampling as the temperature goes to 0, and what OpenAI's API and glmrt's server
+    take it to mean; transformers refuses do_sample=True with temperature 0 instead). With
+    do_sample=False the temperature, top_k and top_p are not used, as in transformers."""
+
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -44,9 +49,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.do_sample, str) or self.do_sample not in (True, False):
             raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
-        temperature = _real("temperature", self.temperature)
-        if temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
+        if _real("temperature", self.temperature) < 0:
+            raise InputError(f"temperature must be >= 0 (0: greedy decoding), got {self.temperature}")
         if as_int("top_k", self.top_k) < 0:
             raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < _real("top_p", self.top_p) <= 1:
@@ -55,6 +59,10 @@ class SamplingParams:
             raise InputError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
         if self.seed is not None and not SEED_RANGE[0] <= as_int("seed", self.seed) < SEED_RANGE[1]:
             raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -95,7 +103,7 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if not params.do_sample:
+    if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
     logits = filter_top_k(logits, params.top_k)
