@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 from .errors import GLMRTError
 
@@ -35,9 +36,11 @@ _COMMAND_MODULES: tuple[str, ...] = ("glmrt.bench", "glmrt.conformance", "glmrt.
                                     "glmrt.onnx_export.cli")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The generation flags; defaults are Model.generate's unless ``defaults`` names the API
+    function's own (chat: Model.chat's max_new_tokens)."""
     from .model import Model
-    defaults = {k: v.default for k, v in inspect.signature(Model.generate).parameters.items()}
+    defaults = {**{k: v.default for k, v in inspect.signature(Model.generate).parameters.items()}, **(defaults or {})}
     for name, (typ, help_) in _GENERATION_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if typ is bool:
@@ -67,6 +70,16 @@ def _add_model_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--strict", action="store_true", help="fail if any op falls back to the torch reference")
 
 
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """glmrt.load's --quantize and --kernels, for the commands that load a model to generate."""
+    from .lowering import KERNEL_CHOICES
+    p.add_argument("--quantize", default=None,
+                   help="quantize on load: int8 | int4 | int4-g64 ... (default: the checkpoint as it is)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                   help="auto: the backend's best kernel per node; reference: every node on the torch "
+                        "reference (default: auto)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmrt", description="Run GLM-family models on any accelerator.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="load a model and generate")
     _add_model_flags(run, model_required=True)
+    _add_load_flags(run)
     group = run.add_mutually_exclusive_group()
     group.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids")
     group.add_argument("--prompt", default=None, help="prompt text (needs a checkpoint with a tokenizer)")
@@ -87,8 +101,10 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="interactive chat with streaming replies (needs a checkpoint's tokenizer)")
     _add_model_flags(chat, model_required=True)
+    _add_load_flags(chat)
     chat.add_argument("--system", default=None, help="a system message to start with")
-    _add_generation_flags(chat)
+    from .model import CHAT_MAX_NEW_TOKENS
+    _add_generation_flags(chat, {"max_new_tokens": CHAT_MAX_NEW_TOKENS})
 
     presets = sub.add_parser("presets", help="list the synthetic presets")
     presets.add_argument("--json", action="store_true")
@@ -223,11 +239,12 @@ def _cmd_info(args) -> int:
             print(f"          {json.dumps(extra, default=str)}")
         if not args.model:
             print("  ops (kernels best first; a node no kernel supports runs the torch reference = fallback):")
+            op_width = max(len(row["op"]) for row in b["ops"])
             for row in b["ops"]:
                 names = ", ".join(f"{k['name']} [{k['kind']}]" for k in row["kernels"]) or "-"
-                print(f"    {row['op']:<11} {row['plan']:<9} {names}")
+                print(f"    {row['op']:<{op_width}} {row['plan']:<9} {names}")
                 if not row["kernels"]:
-                    print(f"    {'':<11} {row['why']}")
+                    print(f"    {'':<{op_width}} {row['why']}")
     if args.model:
         m = out["model"]
         c = m["config"]
@@ -236,30 +253,75 @@ def _cmd_info(args) -> int:
         if m.get("planned_only"):
             print(f"(planned only: {m['why']})")
         print("plan (per op: native / vendor / fallback, the kernel, and why):")
+        op_width = max((len(row["op"]) for row in m["plan"]), default=0)
+        impl_width = max((len(row["impl"]) for row in m["plan"]), default=0)
         for row in m["plan"]:
             label = _KIND_LABEL.get(row["kind"], row["kind"])
-            print(f"  {row['op']:<11} x{row['nodes']:<4} {label:<9} {row['impl']:<24} {row['reason']}")
+            print(f"  {row['op']:<{op_width}} x{row['nodes']:<4} {label:<9} {row['impl']:<{impl_width}} "
+                  f"{row['reason']}")
         fallbacks = sum(row["nodes"] for row in m["plan"] if row["kind"] == "reference")
         print(f"{fallbacks} node(s) fall back to the torch reference" if fallbacks else "no fallbacks")
     return 0
 
 
+def _tokenizer_family_of(spec: str) -> str | None:
+    """Which tokenizer family the checkpoint ships (None: none), read from its config and files
+    only, so that a command that needs text can say so before loading any weight. A source that
+    cannot be read at all returns "unknown": glmrt.load then says what is wrong with it."""
+    from . import checkpoint
+    from .api import SYNTHETIC_PREFIX
+    from .models import config_from_dict, glm130b, tokenizer_family
+    from .quant import FORMAT_KEY
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return None  # synthetic presets have no tokenizer
+    directory = Path(spec).expanduser()
+    try:
+        if not (directory / "config.json").is_file() and glm130b.is_sat_dir(directory):
+            raw = glm130b.read_model_args(directory)
+        else:
+            raw = checkpoint.read_config(directory)
+        _, cfg = config_from_dict({k: v for k, v in raw.items() if k != FORMAT_KEY})
+    except (GLMRTError, OSError):
+        return "unknown"
+    return tokenizer_family(cfg, directory)
+
+
+def _load_for(args, needs_text: str | None = None):
+    """glmrt.load with the command's flags; ``needs_text`` (the flag or command that needs a
+    tokenizer) is checked before the weights are read."""
+    from .api import load
+    if needs_text and _tokenizer_family_of(args.model) is None:
+        raise GLMRTError(f"{args.model} has no tokenizer glmrt can read (synthetic presets have none), which "
+                         f"{needs_text} needs: load a checkpoint directory that ships its tokenizer files"
+                         + (", or pass --prompt-ids" if needs_text == "--prompt" else ""))
+    return load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict,
+                quantize=args.quantize, kernels=args.kernels)
+
+
+def _parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise GLMRTError(f"--prompt-ids must be comma-separated integers: {exc}") from None
+    if not ids:
+        raise GLMRTError("--prompt-ids is empty: give comma-separated token ids (or leave the flag out for a "
+                         "fixed pseudo-random prompt)")
+    return ids
+
+
 def _cmd_run(args) -> int:
     import torch
-    from .api import load
+    given_ids = _parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
     t0 = time.perf_counter()
-    model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict)
+    model = _load_for(args, needs_text="--prompt" if args.prompt is not None else None)
     load_s = time.perf_counter() - t0
     tokenizer = model.tokenizer
     if args.prompt is not None:
         if tokenizer is None:
             raise GLMRTError(f"{args.model} has no tokenizer glmrt can use: pass --prompt-ids instead")
         prompt = model.build_inputs(tokenizer.encode(args.prompt))
-    elif args.prompt_ids:
-        try:
-            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError as exc:
-            raise GLMRTError(f"--prompt-ids must be comma-separated integers: {exc}") from None
+    elif given_ids is not None:
+        prompt = given_ids
     else:
         # A fixed pseudo-random prompt of 8 tokens so the command runs with nothing else given.
         g = torch.Generator().manual_seed(0)
@@ -299,12 +361,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from .api import load
-    model = load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict)
+    model = _load_for(args, needs_text="glmrt chat")
     model._require_tokenizer()
     gen_kwargs = {k: getattr(args, k) for k in _GENERATION_FLAGS}
-    if gen_kwargs["max_new_tokens"] == inspect.signature(type(model).generate).parameters["max_new_tokens"].default:
-        gen_kwargs["max_new_tokens"] = 512
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"{model} — chat format {model.chat_family}. Empty line or Ctrl-D to quit; /clear forgets the history.")
     while True:

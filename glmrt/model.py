@@ -16,6 +16,9 @@ from .lowering import Plan, execute
 from .ops import ForwardContext, KVCache
 from .sampling import SamplingParams, as_int, next_tokens
 
+# max_new_tokens of chat() and chat_stream() (and `glmrt chat`) when not given.
+CHAT_MAX_NEW_TOKENS = 512
+
 
 class Model:
     """A GLM-family model lowered onto one backend. Build it with :func:`glmrt.load`."""
@@ -200,6 +203,7 @@ class Model:
             raise InputError(f"vocab_limit must be an integer in [1, {self.config.vocab_size}] (the model's "
                              f"vocabulary), got {vocab_limit!r}")
         ids, mask = self._as_batch(input_ids, attention_mask)
+        self._check_length(ids.shape[1] + max_new_tokens)  # now, not at the first next()
         eos = self.config.eos_token_ids if eos_token_id is None else self._token_ids("eos_token_id", eos_token_id)
         if pad_token_id is None:
             pad = self.config.pad_token_id
@@ -213,7 +217,6 @@ class Model:
     def _stream(self, ids, mask, max_new_tokens, params, eos, pad, vocab_limit):
         B, T = ids.shape
         total = T + max_new_tokens
-        self._check_length(total)
         if max_new_tokens == 0:
             return
         eos_t = torch.tensor(eos if eos else [-1], device=self.device)
@@ -343,7 +346,7 @@ class Model:
         extra = generation.pop("eos_token_id", None)
         if extra is not None:
             stops = list(dict.fromkeys(list(stops) + list(self._token_ids("eos_token_id", extra))))
-        generation.setdefault("max_new_tokens", 256)
+        generation.setdefault("max_new_tokens", CHAT_MAX_NEW_TOKENS)
         generation.setdefault("vocab_limit", self.text_vocab_limit())
         return stops, generation
 

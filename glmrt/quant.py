@@ -26,6 +26,16 @@ FORMATS = {"int8": 8, "int4": 4}
 GROUP_SIZES = (0, 32, 64, 128)
 
 
+def format_names() -> tuple[str, ...]:
+    """Every name glmrt.load(quantize=...) takes: "int8", "int8-g32", ..., "int4-g128". Any backend
+    runs them (its quantized-linear kernel where it has one, else the reference on its device),
+    so this is what a backend's Capabilities.quant_formats lists."""
+    names = []
+    for name in FORMATS:
+        names += [name] + [f"{name}-g{g}" for g in GROUP_SIZES if g]
+    return tuple(names)
+
+
 def parse_format(quantize: str | None) -> tuple[int, int] | None:
     """"int4", "int8", "int4-g64", ... -> (bits, group_size); None -> None."""
     if quantize is None or quantize in ("none", ""):

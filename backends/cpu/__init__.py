@@ -7,16 +7,8 @@ import os
 import torch
 
 from ..base import NATIVE, VENDOR, Backend, Capabilities, Kernel, ProbeResult, Verification
-from ...quant import FORMATS, GROUP_SIZES
+from ...quant import format_names
 from . import kernels, native_ops
-
-
-def _quant_format_names() -> tuple[str, ...]:
-    """Every format glmrt.load(quantize=...) takes (native kernels when built, else the reference)."""
-    names = []
-    for name in FORMATS:
-        names += [name] + [f"{name}-g{g}" for g in GROUP_SIZES if g]
-    return tuple(names)
 
 
 class CPUBackend(Backend):
@@ -31,7 +23,7 @@ class CPUBackend(Backend):
                                             "plain-torch reference and transformers, on x86-64 Linux")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=_quant_format_names(),
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=format_names(),
                             graph_capture=False, collective_backend="gloo", memory_query=True)
 
     def native_info(self) -> dict:

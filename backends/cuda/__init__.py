@@ -10,6 +10,7 @@ import torch
 
 from ..base import VENDOR, Backend, Capabilities, Kernel, ProbeResult, Verification
 from ... import ops
+from ...quant import format_names
 from .kernels import NATIVE_CUDA
 
 
@@ -39,8 +40,8 @@ class CUDABackend(Backend):
                                                 "rehearsed on a CPU only")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), graph_capture=True,
-                            collective_backend="nccl", memory_query=True)
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=format_names(),
+                            graph_capture=True, collective_backend="nccl", memory_query=True)
 
     def native_info(self) -> dict:
         return NATIVE_CUDA.info()

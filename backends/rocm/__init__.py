@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ...quant import format_names
 from ..base import Backend, Capabilities, ProbeResult, Verification
 from .kernels import NATIVE_HIP
 
@@ -54,8 +55,8 @@ class ROCmBackend(Backend):
                                                 "hardware")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), collective_backend="nccl",
-                            memory_query=True)
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=format_names(),
+                            collective_backend="nccl", memory_query=True)
 
     def native_info(self) -> dict:
         return NATIVE_HIP.info()

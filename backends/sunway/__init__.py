@@ -22,18 +22,10 @@ import platform
 
 import torch
 
-from ...quant import FORMATS, GROUP_SIZES
+from ...quant import format_names
 from ..base import NATIVE, VENDOR, Backend, Capabilities, Kernel, ProbeResult, Verification
 from ..cpu import CPUBackend
 from . import kernels
-
-
-def _quant_format_names() -> tuple[str, ...]:
-    """Every format glmrt.load(quantize=...) takes that the tiled kernels run."""
-    names = []
-    for name in FORMATS:
-        names += [name] + [f"{name}-g{g}" for g in GROUP_SIZES if g]
-    return tuple(names)
 
 
 class SunwayBackend(Backend):
@@ -67,7 +59,7 @@ class SunwayBackend(Backend):
             "a real swDeepSpeed's comm is called when importable, never tested against a real one")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=_quant_format_names(),
+        return Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16), quant_formats=format_names(),
                             graph_capture=False, collective_backend="gloo", memory_query=True)
 
     def native_info(self) -> dict:
