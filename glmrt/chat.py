@@ -300,21 +300,94 @@ def _render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], 
         raise InputError(f"the checkpoint's chat template rejected these messages: {exc}") from exc
 
 
+# Supplementary Private Use Area-A: where stand-ins for special-token text in messages are drawn.
+_STAND_IN_BASE = 0xF0000
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _replace_strings(value: Any, fn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {_replace_strings(k, fn): _replace_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_strings(v, fn) for v in value]
+    return value
+
+
+def _templated_prompt(tokenizer: Tokenizer, messages, tools) -> list[int]:
+    """The checkpoint's Jinja template rendered as transformers renders it, tokenized so that only
+    the special tokens the TEMPLATE writes are special: special-token text inside messages or tools
+    (``<|assistant|>`` typed by a user) is encoded as the plain text it is, the promise every glmrt
+    chat format keeps (transformers' apply_chat_template would make it a real role token).
+
+    Before rendering, each special-token spelling inside the messages and tools is swapped for a
+    private-use character found nowhere in them; the rendered text is cut at the specials left (the
+    template's own), and each piece between two of them gets its spellings back and is encoded as
+    plain text -- the way the tokenizers library itself splits a text at special tokens first, so
+    a conversation without such text gets exactly transformers' ids."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if not isinstance(role, str) or not re.fullmatch(r"\w+", role):
+            # The template writes the role into the text (`'<|' + role + '|>'`): only a plain word may go there.
+            raise InputError(f"messages[{index}] has role {role!r}; a role is a plain word such as "
+                             f"{', '.join(ROLES)}")
+    names = sorted((n for n in tokenizer.special if n), key=len, reverse=True)
+    seen = set("".join(_strings([messages, tools])))
+    base = _STAND_IN_BASE
+    while any(chr(base + i) in seen for i in range(len(names))):
+        base += len(names)  # a stand-in must never be confused with the caller's own text
+    stand_in = {name: chr(base + i) for i, name in enumerate(names)}
+    pattern = re.compile("|".join(re.escape(n) for n in names)) if names else None
+
+    def hide(text: str) -> str:
+        return pattern.sub(lambda m: stand_in[m.group()], text) if pattern else text
+
+    restore = {c: name for name, c in stand_in.items()}
+    rendered = _render_chat_template(tokenizer.chat_template, _replace_strings(list(messages), hide),
+                                     _replace_strings(list(tools), hide) if tools else tools,
+                                     getattr(tokenizer, "template_variables", {}))
+    ids: list[int] = []
+    last = 0
+    matches = list(pattern.finditer(rendered)) if pattern else []
+    for piece_end, match in [(m.start(), m) for m in matches] + [(len(rendered), None)]:
+        piece = rendered[last:piece_end]
+        if piece:
+            ids += tokenizer.encode("".join(restore.get(c, c) for c in piece))
+        if match is not None:
+            ids.append(tokenizer.special[match.group()])
+            last = match.end()
+    return ids
+
+
 def build_prompt(family: str, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
                  tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """Input ids that ask the model for the next assistant reply, command tokens included.
 
     ``tools`` are function descriptions ({"name", "description", "parameters"}, or OpenAI's
     {"type": "function", "function": {...}}); only chatglm3, glm4 and hf take them. For
-    ``family="hf"`` the checkpoint's own chat template is rendered when it has one (special-token
-    text in it becomes special tokens, as in transformers); otherwise the GLM-4 format is used with
-    the prefix the tokenizer's post-processor adds.
+    ``family="hf"`` the checkpoint's own chat template is rendered when it has one (the special
+    tokens the template writes are special, as in transformers; special-token text in the messages
+    stays text, see _templated_prompt); otherwise the GLM-4 format is used with the prefix the
+    tokenizer's post-processor adds. In every format, text in messages can never forge a role or
+    mask token.
     """
     _check_family(family)
     if family == "hf" and getattr(tokenizer, "chat_template", None):
-        rendered = _render_chat_template(tokenizer.chat_template, messages, tools,
-                                         getattr(tokenizer, "template_variables", {}))
-        return tokenizer.encode(rendered, allow_special=True)
+        return _templated_prompt(tokenizer, messages, tools)
     normalized = _normalize_messages(messages)
     if tools and family in ("glm-130b", "chatglm-6b", "chatglm2"):
         raise InputError(f"{family} has no tool-calling format; use chatglm3, glm4 or an hf checkpoint")
