@@ -20,6 +20,15 @@ from .sampling import SamplingParams, as_int, next_tokens
 CHAT_MAX_NEW_TOKENS = 512
 
 
+def _scalar(x):
+    """A 0-d tensor or array as the Python number it holds (anything else as it is)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0:
+        return x.item()
+    if hasattr(x, "__array__") and not isinstance(x, numbers.Number) and getattr(x, "ndim", None) == 0:
+        return torch.as_tensor(x).item()
+    return x
+
+
 class Model:
     """A GLM-family model lowered onto one backend. Build it with :func:`glmrt.load`."""
 
@@ -84,18 +93,22 @@ class Model:
                 raise InputError(f"input_ids must be token ids (a list, a list of lists, a tensor or an array), got "
                                  f"{type(input_ids).__name__}: encode text with the tokenizer first")
             seq = list(input_ids)
-            if seq and not isinstance(seq[0], (list, tuple, torch.Tensor)) and not hasattr(seq[0], "__array__"):
+
+            def is_row(x) -> bool:  # a list, or a tensor / array of at least one dimension (not a numpy scalar)
+                return isinstance(x, (list, tuple)) or (hasattr(x, "__array__") and getattr(x, "ndim", 0) >= 1)
+
+            if seq and not is_row(seq[0]):
                 seq = [seq]
             rows = []
             for row in seq:
-                if isinstance(row, torch.Tensor) or hasattr(row, "__array__"):
+                if not isinstance(row, (list, tuple)) and is_row(row):
                     row = torch.as_tensor(row)
                     if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
                         raise InputError(f"input_ids must be integers, got a {row.dtype} row")
                     row = row.tolist()
                 if not isinstance(row, (list, tuple)):
                     raise InputError(f"input_ids rows must be lists of token ids, got {type(row).__name__}")
-                rows.append([as_int("a token id in input_ids", i) for i in row])
+                rows.append([as_int("a token id in input_ids", _scalar(i)) for i in row])
             lengths = {len(r) for r in rows}
             if len(lengths) > 1:
                 raise InputError("prompts of different lengths: left-pad them to one length and pass attention_mask "
@@ -207,7 +220,9 @@ class Model:
         eos = self.config.eos_token_ids if eos_token_id is None else self._token_ids("eos_token_id", eos_token_id)
         if pad_token_id is None:
             pad = self.config.pad_token_id
-            if not 0 <= pad < self.config.vocab_size and ids.shape[0] > 1 and eos:
+            V = self.config.vocab_size
+            can_finish = ids.shape[0] > 1 and any(0 <= e < V for e in eos)  # a row can finish and be padded
+            if not 0 <= pad < V and can_finish:
                 raise InputError(f"the config's pad_token_id {pad} is outside the vocabulary [0, "
                                  f"{self.config.vocab_size}): pass pad_token_id= for rows that finish early")
         else:

@@ -101,7 +101,7 @@ def test_eos_ids_may_come_as_any_integer_container(model):
 
 # ----------------------------------------------------------------------------- input ids and masks
 def test_float_input_ids_are_refused_not_truncated(model):
-    for ids in ([[1.5, 2.0]], [1.5, 2.0], [[1, 2.0]], [True, 2]):
+    for ids in ([[1.5, 2.0]], [1.5, 2.0], [[1, 2.0]], [True, 2], [torch.tensor(1.5), torch.tensor(2)]):
         with pytest.raises(InputError, match="integer"):
             model.logits(ids)
     with pytest.raises(InputError, match="integer"):
@@ -114,7 +114,8 @@ def test_numpy_input_ids_and_masks_just_work(model):
     ids = [[5, 6, 7, 8]]
     want = model.logits(ids)
     for np_ids in (np.array(ids), np.array(ids, dtype=np.int32), np.array(ids[0]), [np.array(ids[0])],
-                   [[np.int64(i) for i in ids[0]]]):
+                   [[np.int64(i) for i in ids[0]]], [np.int64(i) for i in ids[0]], torch.tensor(ids[0]),
+                   [torch.tensor(ids[0])], [torch.tensor(i) for i in ids[0]]):
         assert torch.equal(model.logits(np_ids), want)
     mask = np.array([[0, 1, 1, 1]])
     assert torch.equal(model.logits(np.array(ids), attention_mask=mask), model.logits(ids, attention_mask=mask.tolist()))
