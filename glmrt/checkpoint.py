@@ -207,9 +207,11 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
             problems.append(f"missing tensor {', '.join(absent)} (needed for {canonical})")
             continue
         used.update(source.names)
-        if expected[canonical][1].is_floating_point:  # an integer tensor would be cast to float silently
-            ints = [f"{n} ({str(files.dtype(n)).removeprefix('torch.')})" for n in source.names
-                    if files.dtype(n) is not None and not files.dtype(n).is_floating_point]
+        stored_dtype = getattr(files, "dtype", None)  # sources that convert as they read (GGUF) have none
+        if stored_dtype is not None and expected[canonical][1].is_floating_point:
+            # An integer tensor would be cast to float silently.
+            ints = [f"{n} ({str(stored_dtype(n)).removeprefix('torch.')})" for n in source.names
+                    if stored_dtype(n) is not None and not stored_dtype(n).is_floating_point]
             if ints:
                 problems.append(f"tensor {', '.join(ints)} is not floating point, but {canonical} is a float "
                                 "weight (a quantized checkpoint needs its config's quantization entry)")
