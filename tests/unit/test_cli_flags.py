@@ -118,7 +118,8 @@ def test_info_on_gpu_backends_lists_the_quantized_formats_it_plans(backend, caps
     out = capsys.readouterr().out
     assert "quantized weights: none" not in out
     assert re.search(r"quantized weights: [^;]*\bint4\b", out)
-    assert "native.quant_gemv" in out  # the plan does put INT4 linears on the native kernel
+    if be.native_info().get("built"):  # a build with the GPU module: the plan puts INT4 linears on it
+        assert "native.quant_gemv" in out
 
 
 def table_rows(text: str, header: str) -> list[str]:
