@@ -272,8 +272,9 @@ def _tokenizer_family_of(spec: str) -> str | None:
     from .api import SYNTHETIC_PREFIX
     from .models import config_from_dict, glm130b, tokenizer_family
     from .quant import FORMAT_KEY
-    if spec.startswith(SYNTHETIC_PREFIX):
-        return None  # synthetic presets have no tokenizer
+    if spec.startswith(SYNTHETIC_PREFIX):  # a preset gets a synthetic tokenizer of its release's kind
+        from .synthetic_tokenizer import PRESET_FAMILIES
+        return PRESET_FAMILIES.get(spec[len(SYNTHETIC_PREFIX):], "unknown")
     directory = Path(spec).expanduser()
     try:
         if not (directory / "config.json").is_file() and glm130b.is_sat_dir(directory):
@@ -291,8 +292,8 @@ def _load_for(args, needs_text: str | None = None):
     tokenizer) is checked before the weights are read."""
     from .api import load
     if needs_text and _tokenizer_family_of(args.model) is None:
-        raise GLMRTError(f"{args.model} has no tokenizer glmrt can read (synthetic presets have none), which "
-                         f"{needs_text} needs: load a checkpoint directory that ships its tokenizer files"
+        raise GLMRTError(f"{args.model} has no tokenizer glmrt can read, which {needs_text} needs: load a "
+                         "checkpoint directory that ships its tokenizer files (or a synthetic preset)"
                          + (", or pass --prompt-ids" if needs_text == "--prompt" else ""))
     return load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict,
                 quantize=args.quantize, kernels=args.kernels)

@@ -87,14 +87,19 @@ def test_empty_prompt_ids_are_refused_before_loading(plain_ckpt, no_load, capsys
         assert "--prompt-ids is empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("source", ["synthetic:glm-4-9b", "plain"])
-def test_text_without_a_tokenizer_is_refused_before_loading(plain_ckpt, no_load, capsys, source):
-    model = str(plain_ckpt) if source == "plain" else source
-    assert cli.main(["run", model, "--prompt", "hello", "--layers", "1"]) == 2
+def test_text_without_a_tokenizer_is_refused_before_loading(plain_ckpt, no_load, capsys):
+    assert cli.main(["run", str(plain_ckpt), "--prompt", "hello", "--layers", "1"]) == 2
     err = capsys.readouterr().err
     assert "no tokenizer" in err and "--prompt-ids" in err
-    assert cli.main(["chat", model, "--layers", "1"]) == 2
+    assert cli.main(["chat", str(plain_ckpt), "--layers", "1"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_the_tokenizer_check_passes_presets_and_checkpoints_that_have_one(chat_ckpt, plain_ckpt):
+    assert cli._tokenizer_family_of("synthetic:chatglm3-6b") == "chatglm3"  # presets get a synthetic tokenizer
+    assert cli._tokenizer_family_of(str(chat_ckpt)) == "glm4"
+    assert cli._tokenizer_family_of(str(plain_ckpt)) is None
+    assert cli._tokenizer_family_of("/nonexistent") == "unknown"  # glmrt.load says what is wrong with it
 
 
 def test_run_passes_quantize_and_kernels_to_load(plain_ckpt, loads, capsys):
