@@ -324,7 +324,7 @@ class Engine:
             return
         logits = logits.float()  # once for all rows: many small conversions cost more than one
         # Greedy rows without a penalty: one argmax over all of them (a row's argmax is its own).
-        plain = [i for i, r in enumerate(rows) if not r.params.do_sample and r.params.repetition_penalty == 1.0]
+        plain = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
         picks = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         for i, request in enumerate(rows):
             request.fed += 1
