@@ -13,8 +13,8 @@ CPU kernels, whose fp32 internals may flip single roundings) within LOOSE x nois
 test_variants_of_each_rule_are_told_apart shows each rule's wrong variant lies beyond TIGHT x noise.
 
 Where glmrt disagrees with the original today the test is xfail(strict=True), so it flips when the
-fix lands: bfloat16 RoPE tables (issue 11 item 2), GLM-130B's row-parallel bias rounding and the
-THUDM attention (see the reasons).
+fix lands: GLM-130B's row-parallel bias rounding and the THUDM attention (see the reasons). The
+bfloat16 RoPE tables (issue 11 item 2) follow the original since that fix.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import glmrt  # noqa: E402
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 TIGHT = 0.1   # x noise, glmrt's reference plan on single prompts
 LOOSE = 0.5   # x noise, the default (native) plan and padded batches
-ISSUE_11_2 = pytest.mark.xfail(strict=True, reason="issue 11 item 2")
-HALVES = [FP16, pytest.param(BF16, marks=ISSUE_11_2)]
+HALVES = [FP16, BF16]
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
