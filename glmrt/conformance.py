@@ -12,7 +12,8 @@ backend runs, with float weights and quantized ones (int8 / int4, per channel an
 decode, padded-prefill, cached-decode, cached-chunk and static-cache-decode shapes. Each case runs
 on the backend's device and is compared with the reference run on the CPU in the same dtype:
     error = max |kernel - reference|,  tolerance = RTOL[dtype] * max |reference| (+ 1e-6)
-(twice that for attention, whose reference rounds scores and probabilities to the model dtype).
+(twice that for attention, whose layer-scaled reference rounds scores and probabilities to the
+model dtype).
 Quantized linears may also quantize activations to int8 per block of 32 along K (llama.cpp's
 scheme); their tolerance adds that rounding's bound, 0.5 * sum_k d_block(k) * |W[n, k]|.
 Attention rows whose query sees no key at all (left padding) are only required to be finite:
@@ -54,8 +55,9 @@ from .fusion import RESIDUAL_NORM, fuse_residual_norm
 # Relative tolerances of kernels against the reference in the same dtype (about 4 ulps of bf16,
 # 4 of fp16 at the output's largest magnitude; fp32 leaves room for a different summation order).
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 4e-3}
-# The reference attention rounds scores and probabilities to the model dtype; a fused kernel may
-# keep them in fp32 (SDPA, flash attention), which moves a half-precision output further.
+# The reference's layer-scaled attention (GLM-130B, ChatGLM-6B) rounds scores and probabilities to
+# the model dtype; a fused kernel may keep them in fp32 (SDPA, flash attention), which moves a
+# half-precision output further.
 OP_TOLERANCE_FACTOR = {"attention": 2.0}
 # Whole-model logits against the fp32 reference, relative to max |reference logits|.
 MODEL_RTOL = {torch.float32: 5e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}

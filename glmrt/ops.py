@@ -268,8 +268,13 @@ def update_kv_cache(ctx: ForwardContext, layer: int, k: Tensor, v: Tensor) -> tu
 def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
     """Grouped-query attention over the cache (if any) with an explicit boolean mask.
 
-    q: (B, T, nh, hd); k, v: (B, T, nkv, hd) -> (B, T, nh * hd). Scores in the model dtype,
-    softmax in fp32 (every release does this)."""
+    q: (B, T, nh, hd); k, v: (B, T, nkv, hd) -> (B, T, nh * hd). Two precision rules, each the
+    original code's: GLM-130B and ChatGLM-6B ("layer_scaled") round the scores to the model dtype
+    and take the softmax in fp32; ChatGLM2/3 and GLM-4 (THUDM's code on torch >= 2) and the
+    transformers `glm`/`glm4` models call F.scaled_dot_product_attention, whose flash kernels (CPU
+    and CUDA alike) keep the scores in fp32, round the unnormalised exp(score - max) to the model
+    dtype for the product with V (fp32 accumulation) and divide by the fp32 sum of the exps at the
+    end: the "standard" rule does exactly that (in fp32 it is the plain softmax)."""
     a = node.attrs
     q, k, v = inputs
     B, T, nh, hd = q.shape
@@ -293,9 +298,13 @@ def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dic
         scores = scores.masked_fill(~allowed, -10000.0)
         probs = torch.softmax(scores.float() * c, dim=-1).to(q.dtype)
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * a["scale"]  # (B, nh, T, S)
+        dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        scores = torch.matmul(q, k.transpose(-1, -2)) * a["scale"]  # (B, nh, T, S), fp32
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        out = (torch.matmul(e.to(dtype).float(), v) / e.sum(dim=-1, keepdim=True)).to(dtype)
+        return out.transpose(1, 2).reshape(B, T, nh * hd)
     out = torch.matmul(probs, v)  # (B, nh, T, hd)
     return out.transpose(1, 2).reshape(B, T, nh * hd)
 

@@ -49,9 +49,10 @@ Kernels:
     softmax, bounded shared memory). The valid keys come from ``ctx.allowed``, the mask the
     reference reads, on the device (so a captured graph follows the position it is replayed at);
     the cache write is the reference's (``index_copy_`` at ``ctx.cache_pos_t``, or the slice at
-    ``ctx.cache_pos``). Same roundings as glmrt.ops.attention (scores rounded to the model dtype,
-    softmax in fp32, probabilities rounded, fp32 accumulation): only the fp32 summation order
-    differs. Two or three launches per call and a scratch workspace allocated with torch (scores of
+    ``ctx.cache_pos``). Same roundings as glmrt.ops.attention (layer-scaled: scores and
+    probabilities rounded to the model dtype; standard, as SDPA's flash kernels: fp32 scores, exp(score - max) rounded, divided by
+    the fp32 sum; fp32
+    accumulation): only the fp32 summation order differs. Two or three launches per call and a scratch workspace allocated with torch (scores of
     the allowed keys, per-split softmax statistics and partial rows); the split count depends on
     the shapes only, never on the mask. Used for at most :data:`ATTENTION_MAX_Q` new tokens per
     sequence; a longer query

@@ -380,9 +380,22 @@ def t_attention(L: Lowering, node: Node, x: list[str]) -> str:
     if allowed5 is None:
         allowed5 = L.memo["allowed5"] = b.op("Unsqueeze", [L.memo["allowed"], b.const([1])], "allowed_groups")
     if standard_scaling:
-        scores = b.op("Mul", [b.op("MatMul", [q5, k5t]), L.fconst(float(a["scale"]))], f"{node.name}.scores")
-        masked = b.op("Where", [allowed5, scores, L.fconst(torch.finfo(L.dtype).min)], f"{node.name}.masked")
-        probs = b.op("Softmax", [L.cast(masked, FLOAT, f"{node.name}.scores_f32")], f"{node.name}.probs", axis=-1)
+        # ChatGLM2/3, GLM-4 (SDPA in the original code): fp32 inside, the output rounded once.
+        qf = L.cast(q5, FLOAT, f"{node.name}.q_f32")
+        kf = L.cast(k5t, FLOAT, f"{node.name}.k_f32")
+        scores = b.op("Mul", [b.op("MatMul", [qf, kf]), L.fconst(float(a["scale"]), torch.float32)],
+                      f"{node.name}.scores")
+        masked = b.op("Where", [allowed5, scores, L.fconst(torch.finfo(torch.float32).min, torch.float32)],
+                      f"{node.name}.masked")
+        # As SDPA's flash kernels: exp(score - max) rounded to the model dtype for the product with
+        # V, divided by the fp32 sum of the exps (glmrt.ops.attention).
+        peak = b.op("ReduceMax", [masked, b.const([-1])], f"{node.name}.max", keepdims=1)  # opset >= 18
+        e = b.op("Exp", [b.op("Sub", [masked, peak], f"{node.name}.shifted")], f"{node.name}.exp")
+        total = b.op("ReduceSum", [e, b.const([-1])], f"{node.name}.sum", keepdims=1)
+        if L.elem != FLOAT:
+            e = L.cast(L.cast(e, L.elem, f"{node.name}.exp_rounded"), FLOAT, f"{node.name}.exp_f32")
+        weighted = b.op("MatMul", [e, L.cast(v5, FLOAT, f"{node.name}.v_f32")], f"{node.name}.weighted")
+        out = L.cast(b.op("Div", [weighted, total], f"{node.name}.context_f32"), L.elem, f"{node.name}.context")
     else:
         # GLM-130B / ChatGLM-6B: q / (sqrt(hd) * c), -10000 fill, softmax(scores.float() * c).
         c = float(a["layer_index"] + 1)
@@ -391,7 +404,7 @@ def t_attention(L: Lowering, node: Node, x: list[str]) -> str:
         masked = b.op("Where", [allowed5, scores, L.fconst(-10000.0)], f"{node.name}.masked")
         scaled = b.op("Mul", [L.cast(masked, FLOAT, f"{node.name}.scores_f32"), L.fconst(c, torch.float32)])
         probs = b.op("Softmax", [scaled], f"{node.name}.probs", axis=-1)
-    out = b.op("MatMul", [L.cast(probs, L.elem, f"{node.name}.probs_cast"), v5], f"{node.name}.context")
+        out = b.op("MatMul", [L.cast(probs, L.elem, f"{node.name}.probs_cast"), v5], f"{node.name}.context")
     out = b.op("Reshape", [out, b.const([0, nh, -1, hd])], f"{node.name}.context_heads")  # (B, nh, S, hd)
     out = b.op("Transpose", [out], f"{node.name}.context_tokens", perm=[0, 2, 1, 3])
     return b.op("Reshape", [out, L.shape_tail(nh * hd)], node.name)  # (B, S, nh * hd)

@@ -187,7 +187,10 @@ void attention(const AttentionArgs& a) {
   const int64_t tile_pad = (tile + kRows - 1) / kRows * kRows;
   const int64_t blocks = (S + kKeys - 1) / kKeys;
 
-  const float fill = a.layer_scaled ? round_to(-10000.0f, t) : lowest_of(t);
+  // Standard scaling (SDPA's flash kernels in the original code): fp32 scores, the unnormalised
+  // exps rounded to the model dtype, divided by their fp32 sum. Layer-scaled (GLM-130B, ChatGLM-6B):
+  // scores and probabilities rounded to the model dtype.
+  const float fill = a.layer_scaled ? round_to(-10000.0f, t) : std::numeric_limits<float>::lowest();
   if (a.kv_lens)
     for (int64_t b = 0; b < B; ++b)
       if (a.kv_lens[b] < 1)
@@ -263,22 +266,27 @@ void attention(const AttentionArgs& a) {
             const float* raw = block.data() + (i - i0) * kKeys;
             for (int64_t j = 0; j < kKeys; ++j) {
               if (!ok[i * kKeys + j]) { out[j] = fill; continue; }
-              float sc = round_to(raw[j], t);                    // q . k in the model dtype
-              if (!a.layer_scaled) sc = round_to(sc * a.scale, t);  // standard: * 1/sqrt(d), rounded
-              out[j] = sc;
+              // layer-scaled: q . k rounded to the model dtype; standard: fp32 q . k * 1/sqrt(d)
+              out[j] = a.layer_scaled ? round_to(raw[j], t) : raw[j] * a.scale;
             }
           }
         }
       }
-      // fp32 softmax per row; probabilities rounded to the storage dtype.
+      // fp32 softmax per row. Layer-scaled: the probabilities rounded to the storage dtype;
+      // standard: exp(x - max) rounded, then times 1 / (fp32 sum of the exps).
       for (int64_t i = 0; i < nr; ++i) {
         float* row = scores.data() + i * ld;
         if (a.layer_scaled) scale_row(row, a.coeff, Sb);
         const float m = row_max(row, Sb);
         exp_shifted(row, m, Sb);
         const float sum = row_sum(row, Sb);
-        scale_row(row, 1.0f / sum, Sb);
-        round_row(row, t, Sb);
+        if (a.layer_scaled) {
+          scale_row(row, 1.0f / sum, Sb);
+          round_row(row, t, Sb);
+        } else {
+          round_row(row, t, Sb);
+          scale_row(row, 1.0f / sum, Sb);
+        }
       }
       // out = P @ V, fp32 accumulation; keys whose probability rounded to 0 add nothing.
       std::fill(acc.begin(), acc.begin() + nr * hd, 0.f);

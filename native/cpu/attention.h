@@ -23,13 +23,14 @@ struct AttentionArgs {
   const uint8_t* allowed;
   int64_t m_stride_b, m_stride_t, m_stride_s;
   void* out;  // [B, T, num_heads * head_dim], contiguous
-  // standard:     scores = round(round(q . k) * scale), masked to the dtype's lowest value,
-  //               p = softmax_fp32(scores).
+  // standard:     scores = (q . k) * scale in fp32, masked to fp32's lowest value,
+  //               e = round(exp(scores - max)), out = round(sum_s e_s * v_s / sum_s exp(..)) (SDPA's flash kernels in the original
+  //               code of ChatGLM2/3 and GLM-4).
   // layer_scaled: q' = round(q / q_divisor) (q_divisor = sqrt(head_dim) * coeff), scores =
   //               round(q' . k), masked to round(-10000), p = softmax_fp32(scores * coeff)
-  //               (GLM-130B / ChatGLM-6B, coeff = layer index + 1).
-  // Then out = round(sum_s round(p_s) * v_s). round() is to the storage dtype (identity for fp32);
-  // dot products and the weighted sum accumulate in fp32.
+  //               (GLM-130B / ChatGLM-6B, coeff = layer index + 1), out = round(sum_s round(p_s) * v_s).
+  // round() is to the storage dtype (identity for fp32); dot products and the weighted sum
+  // accumulate in fp32.
   bool layer_scaled;
   float scale;
   float q_divisor;

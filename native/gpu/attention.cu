@@ -12,7 +12,8 @@
 //     with the reference's roundings into a workspace row, and keeps the split's running max and
 //     sum of exp (online softmax) per row. Masked keys are never read: their score is the fill.
 //   * Launch 2 (weighted sum): the block combines the max / sum of every split of its rows, forms
-//     p = round(exp(x - max) / sum) for its keys (the fill again where masked, so a query that sees
+//     p = exp(x - max) / sum for its keys (layer-scaled: p rounded to the model dtype; standard:
+//     exp(x - max) rounded before the division) (the fill again where masked, so a query that sees
 //     no key averages all of them, as the reference does), stages the value rows that some p of the
 //     tile needs (a tile whose p are all zero, e.g. the unwritten part of a static cache, is skipped)
 //     and accumulates p * v in fp32. With one split it writes the rounded output; with several it
@@ -26,6 +27,7 @@
 // as the mask changes between replays.
 #include "portability.h"
 
+#include <cfloat>
 #include <climits>
 #include <cmath>
 
@@ -138,18 +140,11 @@ __device__ __forceinline__ int64_t global_row(const Params& p, const Work& w, in
   return (w.b * p.nh + row_head(p, w, r)) * p.T + row_token(p, w, r);
 }
 
-template <typename T>
-__device__ __forceinline__ float lowest() {
-  if (T::code == kF32) return -3.40282346638528859812e+38f;  // torch.finfo(torch.float32).min
-  if (T::code == kBF16) return bf16_bits_to_float(0xff7fu);  // torch.finfo(torch.bfloat16).min
-  return -65504.0f;                                            // torch.finfo(torch.float16).min
-}
-
 // What a masked key's softmax input is: the fill of the scores (in the dtype), times coeff in fp32
 // when layer-scaled.
 template <typename T>
 __device__ __forceinline__ float masked_input(const Params& p) {
-  return p.layer_scaled ? gpu_mul_rn(T::round(-10000.0f), p.coeff) : lowest<T>();
+  return p.layer_scaled ? gpu_mul_rn(T::round(-10000.0f), p.coeff) : -FLT_MAX;  // torch.finfo(torch.float32).min
 }
 
 // True on every thread when pred is true on some thread of the block. All threads must call it.
@@ -219,8 +214,9 @@ __global__ void __launch_bounds__(kThreads) attention_scores_kernel(const Params
         const float* kr = ks + j * ldk;
         float dot = 0.f;
         for (int d = 0; d < hd; ++d) dot = fmaf(qr[d], kr[d], dot);
-        const float sc = T::round(dot);  // q . k in the model dtype
-        xv = p.layer_scaled ? gpu_mul_rn(sc, p.coeff) : T::round(gpu_mul_rn(sc, p.scale));
+        // layer-scaled: q . k rounded to the model dtype, times coeff; standard (SDPA in the
+        // original code): fp32 throughout, only the output rounded
+        xv = p.layer_scaled ? gpu_mul_rn(T::round(dot), p.coeff) : gpu_mul_rn(dot, p.scale);
         p.x[global_row(p, w, r) * p.S + s0 + j] = xv;
       }
       xs[i] = xv;
@@ -293,7 +289,9 @@ __global__ void __launch_bounds__(kThreads) attention_pv_kernel(const Params p) 
         const int64_t s = s0 + j;
         const bool seen = mask[row_token(p, w, r) * p.m_st + s * p.m_ss] != 0;
         const float xv = seen ? p.x[global_row(p, w, r) * p.S + s] : fill;
-        pv = T::round(expf(xv - mrow[r]) / lrow[r]);
+        // layer-scaled: the probability rounded; standard (SDPA's flash kernels): exp(x - max)
+        // rounded, divided by the fp32 sum
+        pv = p.layer_scaled ? T::round(expf(xv - mrow[r]) / lrow[r]) : T::round(expf(xv - mrow[r])) / lrow[r];
       }
       ps[i] = pv;
     }

@@ -21,13 +21,13 @@ constexpr int kAttentionMaxHeadDim = 256;
 //     max_len and the mask, computed on the device, hides the positions not yet written;
 //   out [B, T, num_heads * head_dim], contiguous.
 // Query head h reads KV head h / (num_heads / num_kv_heads).
-//   standard:     scores = round(round(q . k) * scale), masked to the dtype's lowest value,
-//                 p = softmax_fp32(scores);
+//   standard:     scores = (q . k) * scale in fp32, masked to fp32's lowest value,
+//                 e = round(exp(scores - max)), out = round(sum_s e_s * v_s / sum_s exp(..)) (SDPA's flash kernels in the original
+//                 code of ChatGLM2/3 and GLM-4);
 //   layer_scaled: q' = round(q * (1 / q_divisor)) (torch's CUDA division by a scalar multiplies by
 //                 its fp32 reciprocal; q_divisor = sqrt(head_dim) * coeff), scores = round(q' . k),
 //                 masked to round(-10000), p = softmax_fp32(scores * coeff) (GLM-130B / ChatGLM-6B,
-//                 coeff = layer index + 1);
-//   out = round(sum_s round(p_s) * v_s).
+//                 coeff = layer index + 1), out = round(sum_s round(p_s) * v_s).
 // round() is to the storage dtype (identity for fp32). Dot products and the weighted sum
 // accumulate in fp32 (in another order than cuBLAS); the softmax is max-subtracted, in fp32 with
 // expf, its max and sum combined over KV splits (flash-decoding), so only the fp32 summation order

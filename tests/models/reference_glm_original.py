@@ -507,6 +507,26 @@ class GLM130BReference:
 
 
 # ============================================================================ ChatGLM2/3, GLM-4-9B (THUDM code)
+def sdpa_flash(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """What `F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=...)` computes with its
+    flash kernels (torch's CPU kernel, and flash attention on CUDA), written out: fp32 scores
+    q . k / sqrt(d), masked to -inf; exp(score - row max) in fp32; those exps ROUNDED to the model
+    dtype for the product with V (fp32 accumulation); divided by the fp32 sum of the unrounded exps;
+    the output rounded once. With every key in one block (as here) this is the kernel's arithmetic
+    exactly, except that torch's vectorised CPU loop takes exp from an approximation
+    (`Vectorized::exp_u20`) for rows of 8+ keys: tests/models/test_original_code_half_precision.py
+    checks this function against the real call bit for bit on rows of fewer keys, where the kernel
+    uses std::exp, and within an ulp of the row's largest output beyond."""
+    dtype = q.dtype
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return (torch.matmul(e.to(dtype).float(), v.float()) / e.sum(dim=-1, keepdim=True)).to(dtype)
+
+
 class ChatGLM2Reference:
     """THUDM's modeling_chatglm.py of ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B (`model_type: "chatglm"`),
     as plain functions over a state dict with the release's tensor names, in the weights' dtype.
@@ -526,7 +546,8 @@ class ChatGLM2Reference:
       * `SelfAttention`: `query_key_value` rows [q (np*hn) | k (ng*hn) | v (ng*hn)]; keys/values
         expanded so query head h reads group h // (np / ng).
       * `CoreAttention` (torch >= 2): `scaled_dot_product_attention(q, k, v, is_causal=True)` when no
-        mask is needed, else with `~full_attention_mask`; in the model dtype.
+        mask is needed, else with `~full_attention_mask`; in the model dtype (written out as the
+        flash kernels compute it: `sdpa_flash`).
       * `GLMBlock`: pre-norm, residual adds in the model dtype; `MLP`: swiglu
         `silu(x[0]) * x[1]` of `chunk(dense_h_to_4h(x), 2)`; final RMSNorm; `output_layer`.
       * `get_masks` with a padding mask: causal, padded keys masked (padded query rows see
@@ -589,9 +610,9 @@ class ChatGLM2Reference:
         v = v.unsqueeze(-2).expand(-1, -1, -1, group, -1).reshape(*v.shape[:2], self.np, self.hn)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, np, sq, hn]
         if mask is None:
-            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            ctx = sdpa_flash(q, k, v, is_causal=True)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, ~mask)
+            ctx = sdpa_flash(q, k, v, ~mask)
         ctx = ctx.permute(2, 0, 1, 3).reshape(q.shape[2], q.shape[0], self.np * self.hn)  # [sq, b, h]
         return F.linear(ctx, self.sd[p + ".dense.weight"])
 

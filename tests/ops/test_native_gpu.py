@@ -1735,8 +1735,10 @@ def _attention_mask(B, T, valid, total, kind, pad, context):
 
 def _attention_formula(q, keys, values, allowed, group, scaling, scale, layer):
     """The attention of the GLM releases written out from the formulas in float64, rounding to the
-    model dtype where the releases' code does (scores; layer-scaled q / (sqrt(d) * c) as torch's CUDA
-    division by a scalar computes it, q * fp32(1 / divisor); probabilities; the output). q (B, T, nh,
+    model dtype where the releases' code does (layer-scaled: the scores, q / (sqrt(d) * c) as torch's
+    CUDA division by a scalar computes it, q * fp32(1 / divisor), and the probabilities; standard,
+    SDPA's flash kernels in the original code: exp(score - max) before its division by the sum, and
+    the output). q (B, T, nh,
     d); keys / values (B, S, nkv, d); allowed (B, T, S). Query head h reads KV head h // group;
     masked scores are the dtype's lowest value (standard) or -10000 (layer-scaled), so a query that
     sees no key averages all S values. Returns the output (B, T, nh * d) and the softmax inputs
@@ -1757,12 +1759,14 @@ def _attention_formula(q, keys, values, allowed, group, scaling, scale, layer):
         s = rnd(torch.einsum("bthd,bshd->bhts", q_scaled, k))
         s = torch.where(allowed[:, None], s, rnd(torch.tensor(-10000.0)))
         x = (s.float() * torch.tensor(c, dtype=torch.float32)).double()
-    else:
-        s = rnd(torch.einsum("bthd,bshd->bhts", q.double(), k))
-        s = rnd((s.float() * torch.tensor(scale, dtype=torch.float32)).double())
-        x = torch.where(allowed[:, None], s, torch.tensor(torch.finfo(dtype).min, dtype=torch.float64))
+    else:  # SDPA in the original code: fp32 scores
+        s = torch.einsum("bthd,bshd->bhts", q.double(), k) * float(torch.tensor(scale, dtype=torch.float32))
+        x = torch.where(allowed[:, None], s, torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float64))
     e = (x - x.amax(-1, keepdim=True)).exp()
-    p = rnd(e / e.sum(-1, keepdim=True))  # (B, nh, T, S)
+    if scaling == "layer_scaled":
+        p = rnd(e / e.sum(-1, keepdim=True))  # (B, nh, T, S)
+    else:  # SDPA's flash kernels: the unnormalised exps rounded, divided by their sum
+        p = rnd(e) / e.sum(-1, keepdim=True)
     return torch.einsum("bhts,bshd->bthd", p, v).to(dtype).reshape(B, T, nh * d), x
 
 
@@ -1857,7 +1861,7 @@ def test_emulated_attention(emulated, case):
     x = workspace[:B * nh * T * S].view(B, nh, T, S)
     seen = allowed[:, None].expand(B, nh, T, S)
     assert bool(x[~seen].isnan().all()), "a masked key was scored"
-    if dtype == torch.float32:
+    if dtype == torch.float32 or scaling == "standard":  # fp32 scores: summation order only
         torch.testing.assert_close(x[seen].double(), want_x[seen], rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(x[seen], want_x[seen].float()), _first_mismatch(x[seen], want_x[seen].float())
