@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -94,8 +95,98 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(const void* w, DType t, i
     }
     for (; k < k8; k += 8) a0 = _mm256_fmadd_ps(widen8(w, t, k), _mm256_loadu_ps(xr + k), a0);
     float s = hsum8(_mm256_add_ps(a0, a1));
-    for (; k < K; ++k) s += load1(w, t, k) * xr[k];
+    for (; k < K; ++k) s = std::fma(load1(w, t, k), xr[k], s);  // explicit: the tiled path does the same
     acc[m] = s;
+  }
+}
+
+// ---- AVX2, M >= 2: every weight element is loaded and widened once for all rows of x.
+// Per (weight row, x row) the sums run exactly as row_avx2 runs them (two accumulators over steps
+// of 16, an 8-wide remainder into the first, hsum8, a scalar tail), so a row's result does not
+// depend on M. What changes is the loop order: output rows are taken in tiles of kTileRows, K in
+// blocks whose x slice (M rows) stays in L1 across the tile, x rows in register blocks of up to 4;
+// the accumulators live in a small buffer between K blocks (same lanes, same order of additions).
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kXBlockBytes = 16 * 1024;  // the x slice of one K block, all M rows, in fp32
+constexpr int64_t kMB = 4;                  // x rows per register block: 2 * kMB accumulators
+
+template <DType t>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 widen8t(const void* w, int64_t k) {
+  if constexpr (t == DType::BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  if constexpr (t == DType::F16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k)));
+  return _mm256_loadu_ps(static_cast<const float*>(w) + k);
+}
+
+// acc[2 * m], acc[2 * m + 1]: the two accumulators of x row m (MB rows), over k in [k0, k1), a
+// range of whole steps of 16.
+template <DType t, int MB>
+__attribute__((target("avx2,fma,f16c"))) void block_avx2(const void* w, int64_t k0, int64_t k1, const float* xf,
+                                                         int64_t K, float* acc) {
+  __m256 a[2 * MB];
+  for (int i = 0; i < 2 * MB; ++i) a[i] = _mm256_load_ps(acc + 8 * i);
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __m256 w0 = widen8t<t>(w, k), w1 = widen8t<t>(w, k + 8);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      a[2 * m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xf + m * K + k), a[2 * m]);
+      a[2 * m + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xf + m * K + k + 8), a[2 * m + 1]);
+    }
+  }
+  for (int i = 0; i < 2 * MB; ++i) _mm256_store_ps(acc + 8 * i, a[i]);
+}
+
+using BlockFn = void (*)(const void*, int64_t, int64_t, const float*, int64_t, float*);
+
+template <DType t>
+BlockFn block_fn(int mb) {
+  switch (mb) {
+    case 1: return &block_avx2<t, 1>;
+    case 2: return &block_avx2<t, 2>;
+    case 3: return &block_avx2<t, 3>;
+    default: return &block_avx2<t, 4>;
+  }
+}
+
+// Output rows [n0, n1) for all M rows of x.
+template <DType t>
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const char* wbytes, const float* xf, const void* bias,
+                                                        void* out, int64_t M, int64_t N, int64_t K, int64_t n0,
+                                                        int64_t n1) {
+  constexpr int64_t esize = t == DType::F32 ? 4 : 2;
+  const int64_t k8 = K - K % 8, k16 = k8 - k8 % 16;
+  int64_t kb = kXBlockBytes / (4 * M) / 16 * 16;
+  if (kb < 64) kb = 64;
+  alignas(32) float acc[kTileRows][kFloatGemvMaxM][16];
+  const int64_t rows = n1 - n0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t m = 0; m < M; ++m)
+      for (int i = 0; i < 16; ++i) acc[r][m][i] = 0.f;
+  for (int64_t k0 = 0; k0 < k16; k0 += kb) {
+    const int64_t k1 = k0 + kb < k16 ? k0 + kb : k16;
+    for (int64_t r = 0; r < rows; ++r) {
+      const void* w = wbytes + (n0 + r) * K * esize;
+      for (int64_t m0 = 0; m0 < M; m0 += kMB) {
+        const int mb = M - m0 < kMB ? static_cast<int>(M - m0) : static_cast<int>(kMB);
+        block_fn<t>(mb)(w, k0, k1, xf + m0 * K, K, &acc[r][m0][0]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    const void* w = wbytes + n * K * esize;
+    const float b = bias ? load1(bias, t, n) : 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xf + m * K;
+      __m256 a0 = _mm256_load_ps(&acc[r][m][0]), a1 = _mm256_load_ps(&acc[r][m][8]);
+      if (k8 > k16) a0 = _mm256_fmadd_ps(widen8t<t>(w, k16), _mm256_loadu_ps(xr + k16), a0);
+      float s = hsum8(_mm256_add_ps(a0, a1));
+      for (int64_t k = k8; k < K; ++k) s = std::fma(load1(w, t, k), xr[k], s);  // as row_avx2
+      store1(out, t, m * N + n, s + b);
+    }
   }
 }
 
@@ -231,6 +322,22 @@ void linear_float(const void* x, const void* weight, const void* bias, void* out
       float acc[1];
       row_scalar(wbytes + n * K * esize, dtype, K, xf.data(), 1, acc);
       store1(out, dtype, n, acc[0] + (bias ? load1(bias, dtype, n) : 0.f));
+    }
+    return;
+  }
+  if (M > 1 && isa == Isa::Avx2) {
+    // Tiles of output rows dealt out dynamically, so a thread slowed down by a busy core does not
+    // hold the other back.
+    const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t n0 = i * kTileRows, n1 = n0 + kTileRows < N ? n0 + kTileRows : N;
+      if (dtype == DType::BF16)
+        tile_avx2<DType::BF16>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
+      else if (dtype == DType::F16)
+        tile_avx2<DType::F16>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
+      else
+        tile_avx2<DType::F32>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
     }
     return;
   }

@@ -60,6 +60,28 @@ def test_linear_float_matches_float64(isa, dtype, m, n, k, bias):
     check(out, x, w, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(19, 4104), (8, 1000), (3, 77), (17, 2056)])
+def test_linear_float_rows_equal_each_row_alone_for_every_m(isa, dtype, n, k):
+    """M = 1..8 (odd M too): each output row is bit for bit what the same x row gives alone (the
+    serving engine's batch invariance), and within the float64 bound. The shapes cover K blocks
+    (k = 4104: the K-blocked multi-row path splits it), an 8-wide remainder (k % 16 == 8), a scalar
+    tail (k % 8 != 0), and a last tile of output rows shorter than the others (n % 8 != 0)."""
+    g = torch.Generator().manual_seed(n * 7 + k)
+    x = torch.randn(native.FLOAT_GEMV_MAX_M, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    code = _native.DTYPE_CODES[dtype]
+    alone = torch.empty(native.FLOAT_GEMV_MAX_M, n, dtype=dtype)
+    for i in range(native.FLOAT_GEMV_MAX_M):
+        native.linear_float(x[i].data_ptr(), w.data_ptr(), b.data_ptr(), alone[i].data_ptr(), code, 1, n, k)
+    check(alone, x, w, b)
+    for m in range(2, native.FLOAT_GEMV_MAX_M + 1):
+        out = torch.empty(m, n, dtype=dtype)
+        native.linear_float(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), code, m, n, k)
+        assert torch.equal(out, alone[:m]), f"M={m}: rows differ from the rows alone"
+
+
 def test_linear_float_refuses_too_many_rows():
     m = native.FLOAT_GEMV_MAX_M + 1
     x, w, out = torch.zeros(m, 4), torch.zeros(2, 4), torch.zeros(m, 2)
