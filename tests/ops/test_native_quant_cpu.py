@@ -177,6 +177,24 @@ def test_linear_quant_many_rows_take_several_passes(isa, fmt):
     check(fmt, *make_case(fmt, 70, 5, 4096, 128, torch.float32, torch.float32, True, 3), 4096, 128)
 
 
+@pytest.mark.parametrize("isa", available_isas(), indirect=True)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("group_size", [0, 32, 128])
+@pytest.mark.parametrize("n,k", [(37, 4100), (16, 13696), (5, 300)])
+def test_linear_quant_decode_rows_equal_each_row_alone(isa, fmt, group_size, n, k):
+    """M = 1..8 (odd M too; the serving engine's batched decode): each output row is bit for bit
+    what its activation row gives alone, and within the reference bounds. The shapes cover K cut in
+    several blocks (k = 13696: ChatGLM3's down projection), a partial last weight chunk (k = 4100,
+    300), output rows in a partial sub-tile and a partial register block (n = 37, 5)."""
+    seed = zlib.crc32(repr(("rows", fmt, group_size, n, k)).encode()) % 10007
+    x, q, w, scale, bias = make_case(fmt, 8, n, k, group_size, torch.bfloat16, torch.bfloat16, True, seed)
+    alone = torch.cat([run(fmt, x[i:i + 1], w, scale, bias, k, group_size) for i in range(8)])
+    for m in range(2, 9):
+        got = run(fmt, x[:m], w, scale, bias, k, group_size)
+        assert torch.equal(got, alone[:m]), f"M={m}: rows differ from the rows alone"
+    check(fmt, x, q, w, scale, bias, k, group_size)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_linear_quant_other_group_multiple_of_32(fmt):
     check(fmt, *make_case(fmt, 3, 7, 250, 96, torch.float32, torch.float16, True, 4), 250, 96)
