@@ -9,7 +9,9 @@ the engine's own work around the forward (building tokens / positions / masks, s
     .venv/bin/python benchmarks/engine_decode_profile.py --model synthetic:chatglm3-6b --layers 2 \\
         --quantize int4 --dtype bfloat16 --threads 2
 
-Prints a table per batch size: median step time, tokens/s, the x over batch 1, and per op its share.
+Prints a table per batch size: median step time, tokens/s, the x over batch 1, the process CPU time
+per step (all threads; with OMP_WAIT_POLICY=passive it is the work done, which a loaded machine's
+descheduling does not inflate), and per op its wall time.
 """
 
 from __future__ import annotations
@@ -98,40 +100,44 @@ def main(argv=None) -> int:
                 engine.step()
             op_time.clear()
             forward_time[0] = 0.0
-            step_times = []
+            step_times, cpu_times = [], []
             timing[0] = True
             for _ in range(args.steps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 engine.step()
                 step_times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
             timing[0] = False
             assert engine._n_decode == b, "a request finished early"
             for r in reqs:
                 engine.cancel(r)
             engine.step()
             if rnd:
-                results[b].append({"step": statistics.median(step_times), "forward": forward_time[0] / args.steps,
+                results[b].append({"step": statistics.median(step_times), "cpu": statistics.median(cpu_times), "forward": forward_time[0] / args.steps,
                                    "ops": {k: v / args.steps for k, v in op_time.items()}})
     print(f"# {args.model} --layers {args.layers} --quantize {args.quantize} --dtype {args.dtype}, "
           f"{args.threads} threads; load average {os.getloadavg()}")
-    base = None
+    base = cpu_base = None
     summary = {}
     for b in batches:
         rows = results[b]
         step = statistics.median(r["step"] for r in rows)
         fwd = statistics.median(r["forward"] for r in rows)
+        cpu = statistics.median(r["cpu"] for r in rows)
         ops = defaultdict(list)
         for r in rows:
             for k, v in r["ops"].items():
                 ops[k].append(v)
         tps = b / step
         base = base or tps
+        cpu_base = cpu_base or cpu / b
         print(f"\nB={b}: step {step * 1e3:.1f} ms (forward {fwd * 1e3:.1f}, engine {(step - fwd) * 1e3:.1f}), "
-              f"{tps:.1f} tok/s, x{tps / base:.2f} vs B=1")
+              f"{tps:.1f} tok/s, x{tps / base:.2f} vs B=1; process CPU time {cpu * 1e3:.1f} ms per step, "
+              f"x{b * cpu_base / cpu:.2f} tokens per CPU second vs B=1")
         agg = sorted(((statistics.median(v), k) for k, v in ops.items()), reverse=True)
         for t, k in agg[:12]:
             print(f"  {t * 1e3:8.2f} ms  {k}")
-        summary[b] = {"step_ms": step * 1e3, "forward_ms": fwd * 1e3, "tokens_per_s": tps,
+        summary[b] = {"step_ms": step * 1e3, "cpu_ms": cpu * 1e3, "forward_ms": fwd * 1e3, "tokens_per_s": tps,
                       "ops_ms": {k: statistics.median(v) * 1e3 for k, v in ops.items()}}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,8 @@
-// Float-weight decode GEMV (see gemv_float.h). Memory-bound: per weight element one load, one
-// widening to fp32 (bf16: a 16-bit shift; fp16: F16C), one FMA per row of x. Each thread owns a
-// contiguous block of output rows, so the weight is streamed once with no sharing between threads.
+// Float-weight decode GEMV (see gemv_float.h). At M = 1 memory-bound: per weight element one load,
+// one widening to fp32 (bf16: a 16-bit shift or mask; fp16: F16C), one FMA per row of x. The weight
+// is streamed once per call whatever M: every weight element is loaded and widened once and
+// multiplied with all M rows of x (the AVX2 paths; at M = 8 they are bound by the FMAs and loads,
+// not by memory). Output rows are split over the threads in contiguous blocks or tiles.
 #include "gemv_float.h"
 
 #include <immintrin.h>
@@ -190,6 +192,97 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const char* wbytes, cons
   }
 }
 
+// ---- AVX2, bf16, any M: one accumulator per (weight row, x row), even and odd elements apart.
+// 16 bf16 weights are one 256-bit load; as 32-bit lanes, `lane << 16` is the even elements in fp32
+// and `lane & 0xffff0000` the odd ones, so widening costs two cheap operations per 16 weights. x
+// is stored once per call in the matching order (per 16: the 8 even elements, then the 8 odd). Per
+// (weight row, x row) the sum is: acc += w_even * x_even, acc += w_odd * x_odd per step of 16
+// (fused multiply-adds, in k order), hsum8, then the k % 16 tail in k order, whatever M, the row
+// tile or the K block, so a row's result does not depend on M. Register blocks of R weight rows x
+// MB x rows: (8, 1), (4, 2), (2, 3), (2, 4), enough independent sums to hide the FMA latency.
+template <int R, int MB>
+__attribute__((target("avx2,fma,f16c"))) void bf16_block_avx2(const uint16_t* w, int64_t wstride, int64_t nk,
+                                                              const float* xp, int64_t K, float* acc,
+                                                              int64_t acc_stride, int64_t pf) {
+  __m256 a[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) a[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * m);
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t k = 0; k < nk; k += 16) {
+    __m256 we[R], wo[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (pf) _mm_prefetch(reinterpret_cast<const char*>(w + r * wstride + k + pf), _MM_HINT_T0);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * wstride + k));
+      we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+      wo[r] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xe = _mm256_loadu_ps(xp + m * K + k), xo = _mm256_loadu_ps(xp + m * K + k + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        a[r][m] = _mm256_fmadd_ps(we[r], xe, a[r][m]);
+        a[r][m] = _mm256_fmadd_ps(wo[r], xo, a[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) _mm256_store_ps(acc + r * acc_stride + 8 * m, a[r][m]);
+}
+
+using Bf16BlockFn = void (*)(const uint16_t*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+
+// The register block for mb x rows: (R, function); R = 1 for the rows a tile has left over.
+Bf16BlockFn bf16_block_fn(int R, int mb) {
+  if (R == 8) return &bf16_block_avx2<8, 1>;
+  if (R == 4) return &bf16_block_avx2<4, 2>;
+  if (R == 2) return mb == 3 ? &bf16_block_avx2<2, 3> : &bf16_block_avx2<2, 4>;
+  switch (mb) {
+    case 1: return &bf16_block_avx2<1, 1>;
+    case 2: return &bf16_block_avx2<1, 2>;
+    case 3: return &bf16_block_avx2<1, 3>;
+    default: return &bf16_block_avx2<1, 4>;
+  }
+}
+
+// xp: x in the even/odd order (see above), M rows of K floats.
+__attribute__((target("avx2,fma,f16c"))) void tile_bf16_avx2(const uint16_t* weight, const float* xp,
+                                                             const uint16_t* bias, uint16_t* out, int64_t M,
+                                                             int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t k16 = K - K % 16;
+  int64_t kb = kXBlockBytes / (4 * M) / 16 * 16;
+  if (kb < 64) kb = 64;
+  alignas(32) float acc[kTileRows * kFloatGemvMaxM * 8];
+  const int64_t rows = n1 - n0, acc_stride = M * 8;
+  std::memset(acc, 0, sizeof(float) * rows * acc_stride);
+  for (int64_t k0 = 0; k0 < k16; k0 += kb) {
+    const int64_t nk = k0 + kb < k16 ? kb : k16 - k0;
+    const bool whole_rows = nk == k16;  // one K block: the next rows are read next, prefetch them
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mb = M - m0 < 4 ? static_cast<int>(M - m0) : 4;
+      const int R = mb == 1 ? 8 : (mb == 2 ? 4 : 2);
+      int64_t r0 = 0;
+      for (; r0 + R <= rows; r0 += R)
+        bf16_block_fn(R, mb)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K, acc + r0 * acc_stride + m0 * 8,
+                             acc_stride, whole_rows && m0 == 0 ? R * K : 0);
+      for (; r0 < rows; ++r0)
+        bf16_block_fn(1, mb)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K, acc + r0 * acc_stride + m0 * 8,
+                             acc_stride, 0);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    const uint16_t* w = weight + n * K;
+    const float b = bias ? bf16_to_f32(bias[n]) : 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      float s = hsum8(_mm256_load_ps(acc + r * acc_stride + 8 * m));
+      for (int64_t k = k16; k < K; ++k) s = std::fma(bf16_to_f32(w[k]), xp[m * K + k], s);
+      out[m * N + n] = f32_to_bf16(s + b);
+    }
+  }
+}
+
 template <DType t>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 widen16(const void* w, int64_t k,
                                                                                  __mmask16 mask) {
@@ -322,6 +415,24 @@ void linear_float(const void* x, const void* weight, const void* bias, void* out
       float acc[1];
       row_scalar(wbytes + n * K * esize, dtype, K, xf.data(), 1, acc);
       store1(out, dtype, n, acc[0] + (bias ? load1(bias, dtype, n) : 0.f));
+    }
+    return;
+  }
+  if (isa == Isa::Avx2 && dtype == DType::BF16) {
+    // x in the even/odd order of tile_bf16_avx2, the k % 16 tail in natural order.
+    std::vector<float> xp(static_cast<size_t>(M * K));
+    const int64_t k16 = K - K % 16;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t j = k >= k16 ? k : k - k % 16 + (k % 2 ? 8 + (k % 16) / 2 : (k % 16) / 2);
+        xp[static_cast<size_t>(m * K + j)] = xf[static_cast<size_t>(m * K + k)];
+      }
+    const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t n0 = i * kTileRows, n1 = n0 + kTileRows < N ? n0 + kTileRows : N;
+      tile_bf16_avx2(static_cast<const uint16_t*>(weight), xp.data(), static_cast<const uint16_t*>(bias),
+                     static_cast<uint16_t*>(out), M, N, K, n0, n1);
     }
     return;
   }
