@@ -102,7 +102,8 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(const void* w, DType t, i
   }
 }
 
-// ---- AVX2, M >= 2: every weight element is loaded and widened once for all rows of x.
+// ---- AVX2, fp32 / fp16, M >= 2 (bf16 takes tile_bf16_avx2 below): every weight element is loaded
+// and widened once for all rows of x.
 // Per (weight row, x row) the sums run exactly as row_avx2 runs them (two accumulators over steps
 // of 16, an 8-wide remainder into the first, hsum8, a scalar tail), so a row's result does not
 // depend on M. What changes is the loop order: output rows are taken in tiles of kTileRows, K in
@@ -443,9 +444,7 @@ void linear_float(const void* x, const void* weight, const void* bias, void* out
 #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t n0 = i * kTileRows, n1 = n0 + kTileRows < N ? n0 + kTileRows : N;
-      if (dtype == DType::BF16)
-        tile_avx2<DType::BF16>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
-      else if (dtype == DType::F16)
+      if (dtype == DType::F16)
         tile_avx2<DType::F16>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
       else
         tile_avx2<DType::F32>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
