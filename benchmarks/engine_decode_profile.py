@@ -135,7 +135,9 @@ def main(argv=None) -> int:
         tps = b / step
         base = base or tps
         cpu_base = cpu_base or cpu / b
-        print(f"\nB={b}: step {step * 1e3:.1f} ms (forward {fwd * 1e3:.1f}, engine {(step - fwd) * 1e3:.1f}), "
+        same_clock = step if args.op_clock == "wall" else cpu  # the engine's share on the ops' clock
+        print(f"\nB={b}: step {step * 1e3:.1f} ms (forward {fwd * 1e3:.1f}, engine {(same_clock - fwd) * 1e3:.1f} by the "
+              f"{args.op_clock} clock), "
               f"{tps:.1f} tok/s, x{tps / base:.2f} vs B=1; forward and ops by the {args.op_clock} clock; process CPU time {cpu * 1e3:.1f} ms per step, "
               f"x{b * cpu_base / cpu:.2f} tokens per CPU second vs B=1")
         agg = sorted(((statistics.median(v), k) for k, v in ops.items()), reverse=True)
