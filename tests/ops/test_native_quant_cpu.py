@@ -183,9 +183,9 @@ def test_linear_quant_many_rows_take_several_passes(isa, fmt):
 @pytest.mark.parametrize("n,k", [(37, 4100), (16, 13696), (5, 300)])
 def test_linear_quant_decode_rows_equal_each_row_alone(isa, fmt, group_size, n, k):
     """M = 1..8 (odd M too; the serving engine's batched decode): each output row is bit for bit
-    what its activation row gives alone, and within the reference bounds. The shapes cover K cut in
-    several blocks (k = 13696: ChatGLM3's down projection), a partial last weight chunk (k = 4100,
-    300), output rows in a partial sub-tile and a partial register block (n = 37, 5)."""
+    what its activation row gives alone, and within the reference bounds. The shapes cover a long K
+    (k = 13696: ChatGLM3's down projection, activations beyond L1), a partial last weight chunk
+    (k = 4100, 300) and a partial last group of weight rows (n = 37, 5)."""
     seed = zlib.crc32(repr(("rows", fmt, group_size, n, k)).encode()) % 10007
     x, q, w, scale, bias = make_case(fmt, 8, n, k, group_size, torch.bfloat16, torch.bfloat16, True, seed)
     alone = torch.cat([run(fmt, x[i:i + 1], w, scale, bias, k, group_size) for i in range(8)])
