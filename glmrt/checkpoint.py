@@ -83,6 +83,17 @@ def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
         "as model.safetensors next to config.json")
 
 
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (first, last + 1) byte of its data in a safetensors file (8-byte little-endian
+    header length, the JSON header, then the data; the header's offsets count from its end)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {n: (base + int(e["data_offsets"][0]), base + int(e["data_offsets"][1]))
+            for n, e in header.items() if n != "__metadata__"}
+
+
 class WeightFiles:
     """A lazy view of all tensors of a checkpoint, across shards."""
 
@@ -94,6 +105,7 @@ class WeightFiles:
         self._metadata: dict[Path, dict] = {}
         self._open: dict[Path, object] = {}
         self._bin: dict[Path, dict] = {}
+        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         self._discover()
 
     # -------------------------------------------------------------- discovery
@@ -178,21 +190,43 @@ class WeightFiles:
         path = self.name_to_file[name]
         try:
             if path in self._open:
-                return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+                return self._read_safetensors(path, name)
             return self._bin[path][name]
         except Exception as exc:  # noqa: BLE001
             raise _corrupt(path, exc) from exc
+
+    def _read_safetensors(self, path: Path, name: str) -> torch.Tensor:
+        """One tensor of a safetensors file, read into memory of its own. Read, not taken from the
+        file's memory map: mapped pages stay resident in the process as long as the file is open,
+        so reading a model through the map would hold all of it at once (quantizing on load keeps
+        only the quantized tensors)."""
+        offsets = self._offsets.get(path)
+        if offsets is None:
+            offsets = self._offsets[path] = _safetensors_offsets(path)
+        start, end = offsets[name]
+        out = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            with open(path, "rb") as f:
+                f.seek(start)
+                if f.readinto(memoryview(out.numpy())) != end - start:
+                    raise EOFError(f"{name} ends beyond the end of the file")
+        dtype, shape = self._dtypes[name], self._shapes[name]
+        if dtype is None:  # a dtype torch has no name for here: let safetensors say what it is
+            return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+        return out.view(dtype).reshape(shape)
 
     def files(self) -> list[Path]:
         return sorted(set(self.name_to_file.values()))
 
 
 def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 progress=None) -> dict[str, torch.Tensor]:
+                 progress=None, place=None) -> dict[str, torch.Tensor]:
     """Fill every expected canonical parameter from the checkpoint.
 
     ``expected``: canonical name -> (shape, dtype). All names and shapes are checked before any
-    tensor is read, and one error lists every problem."""
+    tensor is read, and one error lists every problem. ``place(name, tensor)`` -> {name: tensor}
+    takes each tensor as soon as it is read and converted (glmrt.quant.QuantizeOnLoad quantizes it
+    there, so the float model is never whole in memory); None keeps it as it is."""
     available = files.names()
     problems: list[str] = []
     missing_params = sorted(set(expected) - set(weight_map.sources))
@@ -253,7 +287,12 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
         value = source.build(tensors).to(expected[canonical][1]).contiguous()
         if value.is_floating_point() and value.numel():
             _check_finite(value, source.names, tensors, files.directory)
-        out[canonical] = value
+        del tensors
+        if place is None:
+            out[canonical] = value
+        else:
+            out.update(place(canonical, value))
+        del value
         if progress is not None:
             progress(i + 1, len(items))
     return out
