@@ -320,25 +320,27 @@ def render(result: dict) -> str:
     if dev is not None:
         lines.append(f"device {dev['name']} ({dev['description']}): {dev['memory_bytes'] / GiB:.2f} GiB, planning "
                      f"with {dev['usable_fraction']:.0%} = {dev['budget_bytes'] / GiB:.2f} GiB")
-    lines.append("GiB per device     tp  weights (quantized)  kv cache  activations  overhead   total  fits")
+    lines.append("GiB per device:")
+    lines.append("  tp  weights (quantized)  kv cache  activations  overhead   total  fits")
     for row in result["sizes"]:
         tp = row["tensor_parallel"]
         if row["bytes_per_device"] is None:
-            lines.append(f"{'':<17}{tp:>4}  cannot shard: {row['invalid']}")
+            lines.append(f"{tp:>4}  cannot shard: {row['invalid']}")
             continue
         b = row["breakdown"]
         if dev is not None:
             fits = "yes" if row["fits"] else "no"
         else:
             fits = ", ".join(row.get("fits_on", [])) or "none of the known devices"
-        lines.append(f"{'':<17}{tp:>4}  {gib(b['weights_total']):>7} ({gib(b['weights_quantized']):>7})   "
+        lines.append(f"{tp:>4}  {gib(b['weights_total']):>7} ({gib(b['weights_quantized']):>7})   "
                      f"{gib(b['kv_cache']):>8}  {gib(b['activations']):>11}  {gib(b['runtime_overhead']):>8}  "
                      f"{gib(row['bytes_per_device']):>6}  {fits}")
     first = next((r for r in result["sizes"] if r["breakdown"]), None)
     if first is not None:
         w = first["breakdown"]["weights"]
-        parts = ", ".join(f"{kind} {gib(v['float'] + v['quantized'])}" for kind, v in w.items()
-                          if v["float"] + v["quantized"])
+        tied = not (w["lm_head"]["float"] + w["lm_head"]["quantized"])
+        parts = ", ".join(f"{'embedding (tied LM head)' if kind == 'embedding' and tied else kind} "
+                          f"{gib(v['float'] + v['quantized'])}" for kind, v in w.items() if v["float"] + v["quantized"])
         lines.append(f"weights at tp={first['tensor_parallel']} by kind (GiB): {parts}")
     if dev is not None:
         tp = result["tensor_parallel"]
