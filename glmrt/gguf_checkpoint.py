@@ -217,6 +217,19 @@ class _GGUFTensors:
             return self.file.block_values(name)
         return self.file.float_tensor(name)
 
+    def release(self, name: str) -> None:
+        """As checkpoint.WeightFiles.release: ``get`` copied tensor ``name`` out of the file's
+        memory map and it has been consumed; drop its resident pages from the map."""
+        from .checkpoint import drop_mapped_range
+        base = name.removesuffix("_scale") if name.endswith("_scale") and name.removesuffix("_scale") in self.exact \
+            else name
+        data = self.file.tensors[base].data
+        owner = data
+        while owner is not None and not isinstance(owner, np.memmap):
+            owner = getattr(owner, "base", None)
+        if owner is not None:  # a view of the reader's read-only file map (never anonymous memory)
+            drop_mapped_range(data.ctypes.data, data.nbytes)
+
 
 # ---------------------------------------------------------------------------------------------- vocabulary
 class _Vocab:

@@ -158,9 +158,14 @@ def test_peak_memory_of_quantizing_a_synthetic_model_on_load():
     _check_bound(result, largest, float_bytes, "synthetic float32 -> INT4")
 
 
-def test_peak_memory_of_quantizing_a_safetensors_checkpoint_on_load(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", ".bin"])
+def test_peak_memory_of_quantizing_a_checkpoint_on_load(tmp_path, fmt):
+    # Both are read through a memory map (safetensors' header scan; torch.load(mmap=True) of the
+    # zip .bin): mapped pages that were read count in the resident set until they are dropped.
     from safetensors.torch import save_file
     float_bytes, largest = _mid_float_bytes(torch.float32)
-    directory = _write_release_names(tmp_path / "mid", MID, lambda d, t: save_file(t, str(d / "model.safetensors")))
+    save = ((lambda d, t: save_file(t, str(d / "model.safetensors"))) if fmt == "safetensors" else
+            (lambda d, t: cw.write_torch_bin(d, t, num_shards=2)))
+    directory = _write_release_names(tmp_path / "mid", MID, save)
     result = _peak(str(directory), "float32", "int4")
-    _check_bound(result, largest, float_bytes, "safetensors float32 -> INT4")
+    _check_bound(result, largest, float_bytes, f"{fmt} float32 -> INT4")
