@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def _cut_layers(cfg: GLMConfig, layers: int | None) -> GLMConfig:
     return cfg.replace(num_layers=layers)
 
 
+# A half-precision tensor larger than this many elements is drawn in row blocks of about this size,
+# so its float32 draw is never whole (ChatGLM-6B's 130528-row LM head is 2.1 GB in float32).
+SYNTHETIC_BLOCK = 1 << 26
+
+
 def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None, place=None) -> dict[str, torch.Tensor]:
     """Random weights with a fixed seed: N(0, 0.02) matrices, norm weights near 1, small biases.
     Deterministic for a given graph, whatever the backend. ``place(name, tensor)`` -> {name: tensor}
@@ -50,13 +56,7 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None, p
     out = {}
     items = list(graph.params.items())
     for i, (name, spec) in enumerate(items):
-        # In place: no second fp32 copy of each tensor (the GLM-130B embedding alone is 7.4 GB in fp32).
-        t = torch.randn(spec.shape, generator=gen)
-        if spec.role == "norm_weight":
-            t.mul_(0.1).add_(1.0)
-        else:  # matrices, biases and norm biases
-            t.mul_(0.02)
-        t = t.to(spec.dtype)
+        t = _synthetic_tensor(spec, gen)
         if place is None:
             out[name] = t
         else:
@@ -64,6 +64,28 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None, p
         del t
         if progress is not None:
             progress(i + 1, len(items))
+    return out
+
+
+def _synthetic_tensor(spec, gen: torch.Generator) -> torch.Tensor:
+    def draw(shape):
+        # In place: no second fp32 copy of each tensor (the GLM-130B embedding alone is 7.4 GB in fp32).
+        t = torch.randn(shape, generator=gen)
+        if spec.role == "norm_weight":
+            return t.mul_(0.1).add_(1.0)
+        return t.mul_(0.02)  # matrices, biases and norm biases
+
+    shape = tuple(spec.shape)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 0
+    # torch's CPU randn fills blocks of 16 values, so row blocks of a multiple of 16 values draw
+    # exactly the numbers one call would (tests/models/test_quantize_on_load.py checks it).
+    if spec.dtype == torch.float32 or not row or row % 16 or math.prod(shape) <= SYNTHETIC_BLOCK:
+        return draw(shape).to(spec.dtype)
+    out = torch.empty(shape, dtype=spec.dtype)
+    rows = max(1, SYNTHETIC_BLOCK // row)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        out[start:stop].copy_(draw((stop - start, *shape[1:])))
     return out
 
 

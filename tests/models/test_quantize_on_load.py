@@ -169,3 +169,20 @@ def test_peak_memory_of_quantizing_a_checkpoint_on_load(tmp_path, fmt):
     directory = _write_release_names(tmp_path / "mid", MID, save)
     result = _peak(str(directory), "float32", "int4")
     _check_bound(result, largest, float_bytes, f"{fmt} float32 -> INT4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_synthetic_weights_drawn_in_row_blocks_equal_one_draw(monkeypatch, dtype):
+    """A large half-precision synthetic tensor is drawn in row blocks (its float32 draw is never
+    whole): the values must be the ones a single draw gives, or presets would change their weights."""
+    import glmrt.api as api
+    _, cfg = config_from_dict(dict(PRESETS["chatglm3-6b"], num_layers=1, hidden_size=64, ffn_hidden_size=96,
+                                   kv_channels=16, num_attention_heads=4, padded_vocab_size=1000))
+    graph = build_graph(cfg, dtype)
+    monkeypatch.setattr(api, "SYNTHETIC_BLOCK", 10 ** 12)
+    whole = api.synthetic_weights(graph)
+    monkeypatch.setattr(api, "SYNTHETIC_BLOCK", 64 * 7)  # 7-row blocks of the 64-wide tensors
+    blocks = api.synthetic_weights(graph)
+    assert list(whole) == list(blocks)
+    for name in whole:
+        assert torch.equal(whole[name], blocks[name]), name
