@@ -57,9 +57,30 @@ def num_groups(k: int, group_size: int) -> int:
     return 1 if group_size == 0 else -(-k // group_size)
 
 
+# quantize_weight works through this many weight values at a time: every step is per row (a row's
+# scale, its rounding, its packing), so row blocks give exactly the one-block result while the
+# float32 temporaries stay small (a whole ChatGLM-6B MLP up projection is 0.5 GB in float32, and
+# three such temporaries at once would dominate the peak of quantizing on load).
+QUANT_BLOCK = 1 << 22
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0,
                     scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> (q int8 (N, K) or packed (N, ceil(K/2)), scale (N,) or (N, G))."""
+    n, k = w.shape
+    rows = max(1, QUANT_BLOCK // max(k, 1))
+    if n <= rows:
+        return _quantize_rows(w, bits, group_size, scale_dtype)
+    q = torch.empty((n, k if bits == 8 else -(-k // 2)), dtype=torch.int8)
+    scale = torch.empty((n,) if group_size == 0 else (n, num_groups(k, group_size)), dtype=scale_dtype or w.dtype)
+    for start in range(0, n, rows):
+        q[start:start + rows], scale[start:start + rows] = _quantize_rows(w[start:start + rows], bits, group_size,
+                                                                          scale_dtype)
+    return q, scale
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int,
+                   scale_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     qmax = 2 ** (bits - 1) - 1
     wf = w.float()

@@ -186,3 +186,20 @@ def test_synthetic_weights_drawn_in_row_blocks_equal_one_draw(monkeypatch, dtype
     assert list(whole) == list(blocks)
     for name in whole:
         assert torch.equal(whole[name], blocks[name]), name
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-g32", "int8-g128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantizing_in_row_blocks_equals_one_block(monkeypatch, fmt, dtype):
+    """quantize_weight works through large weights in row blocks (small float32 temporaries):
+    the result must be the one-block result exactly, odd widths and group tails included."""
+    import glmrt.quant as quant
+    bits, group = parse_format(fmt)
+    w = (torch.randn(301, 203, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    w[7, :50] = 0  # a zero group
+    monkeypatch.setattr(quant, "QUANT_BLOCK", 10 ** 12)
+    whole = quant.quantize_weight(w, bits, group)
+    monkeypatch.setattr(quant, "QUANT_BLOCK", 203 * 13)  # 13-row blocks, the last one short
+    blocks = quant.quantize_weight(w, bits, group)
+    for a, b in zip(whole, blocks):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
