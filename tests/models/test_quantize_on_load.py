@@ -97,9 +97,9 @@ def test_quantized_on_load_equals_quantizing_the_float_model(tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------- peak memory
-# A mid-size ChatGLM3-like model: 16 layers at width 1024 with a 4096-wide GLU MLP and a small
+# A mid-size ChatGLM3-like model: 12 layers at width 1024 with a 4096-wide GLU MLP and a small
 # vocabulary, loaded in float32 and quantized to INT4 (the float model is ~8x the quantized one).
-MID = dict(PRESETS["chatglm3-6b"], num_layers=16, hidden_size=1024, ffn_hidden_size=4096, kv_channels=64,
+MID = dict(PRESETS["chatglm3-6b"], num_layers=12, hidden_size=1024, ffn_hidden_size=4096, kv_channels=64,
            num_attention_heads=16, padded_vocab_size=4096)
 
 _CHILD = textwrap.dedent("""
