@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from .model import Model
 from .models import config_from_dict, glm130b, preset, tokenizer_family
 from .models.common import WeightMap
 from .progress import Progress
-from .quant import (FORMAT_KEY, QuantSpec, layout_from_entry, parse_format, quantizable_linears, quantize_graph,
-                    quantize_graph_layout, quantize_weights)
+from .quant import (FORMAT_KEY, QuantizeOnLoad, QuantSpec, layout_from_entry, parse_format, quantizable_linears,
+                    quantize_graph, quantize_graph_layout)
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 1234
@@ -42,23 +43,49 @@ def _cut_layers(cfg: GLMConfig, layers: int | None) -> GLMConfig:
     return cfg.replace(num_layers=layers)
 
 
-def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -> dict[str, torch.Tensor]:
+# A half-precision tensor larger than this many elements is drawn in row blocks of about this size,
+# so its float32 draw is never whole (ChatGLM-6B's 130528-row LM head is 2.1 GB in float32).
+SYNTHETIC_BLOCK = 1 << 26
+
+
+def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None, place=None) -> dict[str, torch.Tensor]:
     """Random weights with a fixed seed: N(0, 0.02) matrices, norm weights near 1, small biases.
-    Deterministic for a given graph, whatever the backend."""
+    Deterministic for a given graph, whatever the backend. ``place(name, tensor)`` -> {name: tensor}
+    takes each tensor as it is generated (as in checkpoint.load_weights: quantize on load)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     items = list(graph.params.items())
     for i, (name, spec) in enumerate(items):
-        # In place: no second fp32 copy of each tensor (the GLM-130B embedding alone is 7.4 GB in fp32).
-        t = torch.randn(spec.shape, generator=gen)
-        if spec.role == "norm_weight":
-            t.mul_(0.1).add_(1.0)
-        else:  # matrices, biases and norm biases
-            t.mul_(0.02)
-        out[name] = t.to(spec.dtype)
+        t = _synthetic_tensor(spec, gen)
+        if place is None:
+            out[name] = t
+        else:
+            out.update(place(name, t))
         del t
         if progress is not None:
             progress(i + 1, len(items))
+    return out
+
+
+def _synthetic_tensor(spec, gen: torch.Generator) -> torch.Tensor:
+    def draw(shape):
+        # In place: no second fp32 copy of each tensor (the GLM-130B embedding alone is 7.4 GB in fp32).
+        t = torch.randn(shape, generator=gen)
+        if spec.role == "norm_weight":
+            return t.mul_(0.1).add_(1.0)
+        return t.mul_(0.02)  # matrices, biases and norm biases
+
+    shape = tuple(spec.shape)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 0
+    # torch's CPU randn fills blocks of 16 values, so row blocks of a multiple of 16 values draw
+    # exactly the numbers one call would (tests/models/test_quantize_on_load.py checks it).
+    if spec.dtype == torch.float32 or not row or row % 16 or math.prod(shape) <= SYNTHETIC_BLOCK:
+        return draw(shape).to(spec.dtype)
+    out = torch.empty(shape, dtype=spec.dtype)
+    rows = max(1, SYNTHETIC_BLOCK // row)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        out[start:stop].copy_(draw((stop - start, *shape[1:])))
     return out
 
 
@@ -115,9 +142,9 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     if getattr(be, "export_format", None):  # a backend that runs exported graphs only (onnxruntime)
         raise BackendError(f"backend {be.name!r} runs {be.export_format} exports, and {path_or_preset} is not one: "
                            f"glmrt export {path_or_preset} --format onnx --out DIR, then glmrt.load(DIR)")
-    prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
-                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
     device = be.device()
+    prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
+                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress, device=device)
     weights = {name: t.to(device) for name, t in prep.weights.items()}
     graph = _fuse(prep.graph, be, fuse)
     plan = lower(graph, be, weights, strict=strict, kernels=kernels)
@@ -162,16 +189,17 @@ def _fuse(graph: Graph, backend, fuse: bool) -> Graph:
 
 def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str = "cpu", dtype=None,
             layers: int | None = None, quantize: str | None = None, token_ids: dict | None = None,
-            progress: bool = True, materialize: bool = True) -> Prepared:
+            progress: bool = True, materialize: bool = True, device=None) -> Prepared:
     """Read config and weights and apply the quantization pass, without lowering (glmrt.load and
     `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any).
     ``materialize=False``: the weights are meta tensors of the right shapes and dtypes (nothing is
-    read or generated), for planning without loading."""
+    read or generated), for planning without loading. ``device``: where each weight goes once it
+    is read (and quantized); None leaves them on the CPU."""
     gguf_file = gguf_checkpoint.find_gguf(path_or_preset)
     if gguf_file is not None:  # a GGUF file, or a directory holding one (glmrt.gguf_checkpoint)
         return gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
                                        layers=layers, quantize=quantize, token_ids=token_ids, progress=progress,
-                                       materialize=materialize)
+                                       materialize=materialize, device=device)
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
     spec = str(path_or_preset)
@@ -239,12 +267,26 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
             raise ConfigError(f"{source} is already quantized ({have}); quantize={quantize!r} would quantize it "
                               "again: load it with quantize=None, or quantize the FP16 checkpoint instead")
 
-    bar = Progress(f"loading {source}", len(graph.params), enabled=progress and materialize)
+    # Quantizing on load happens tensor by tensor as the weights are read or generated (place), so
+    # the peak is the quantized model plus about one float linear, never the whole float model.
+    quantized = place = None
+    if quant_format is not None and layout is None:
+        quantized = quantize_graph(graph, *quant_format)
+        if materialize:
+            place = QuantizeOnLoad(graph, quantized, device)
+    elif device is not None and materialize:
+        place = _MoveTo(device)
+    what = f"loading {source}"
+    if place is not None and quantized is not None:
+        bits, group = quant_format
+        what = f"quantizing to INT{bits}" + (f" groups of {group}" if group else "") + f" while loading {source}"
+    bar = Progress(what, len(graph.params), enabled=progress and materialize)
     try:
         if not materialize:
             if layout is not None:
                 graph = quantize_graph_layout(graph, layout)
-            weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in graph.params.items()}
+            weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
+                       for name, p in (quantized or graph).params.items()}
         elif layout is not None:
             float_graph = graph
             graph = quantize_graph_layout(graph, layout)
@@ -256,27 +298,17 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
                 wmap = generation.weight_map(cfg)
                 weight_of = {node.name: node.params["weight"] for node in float_graph.nodes if node.name in layout}
                 wmap.add_quant_scales(weight_of[n] for n in layout)
-            weights = _load(files, wmap, graph, raw, layers, bar)
+            weights = _load(files, wmap, graph, raw, layers, bar, place)
         elif files is not None:
-            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar)
+            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar, place)
         else:
-            weights = synthetic_weights(graph, progress=bar)
+            weights = synthetic_weights(graph, progress=bar, place=place)
     finally:
         bar.close()
-    if quant_format is not None and layout is None:
-        quantized = quantize_graph(graph, *quant_format)
-        if materialize:
-            bits, group = quant_format
-            qbar = Progress(f"quantizing to INT{bits}" + (f" groups of {group}" if group else ""),
-                            len(quantizable_linears(graph)), enabled=progress)
-            try:
-                weights = quantize_weights(graph, quantized, weights, progress=qbar)
-            finally:
-                qbar.close()
-        else:
-            weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
-                       for name, p in quantized.params.items()}
+    if quantized is not None:
         graph = quantized
+        if place is not None:
+            weights = place.scales_last(weights)
     return Prepared(source, raw, cfg, graph, weights, directory, generation)
 
 
@@ -287,13 +319,23 @@ def _beyond(node_name: str, layers: int | None) -> bool:
     return int(node_name.split(".")[1]) >= layers
 
 
-def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar) -> dict[str, torch.Tensor]:
+class _MoveTo:
+    """A loader's ``place`` that puts each tensor on ``device`` as soon as it is read."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: value.to(self.device)}
+
+
+def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar, place=None) -> dict[str, torch.Tensor]:
     expected = {name: (p.shape, p.dtype) for name, p in graph.params.items()}
     if layers is not None:  # a depth-cut load drops the checkpoint's deeper layers on purpose
         wmap.ignore = wmap.ignore + tuple(
             rf".*layers\.{i}\..*" for i in range(layers, int(raw.get("num_layers") or
                                                               raw.get("num_hidden_layers") or layers)))
-    return checkpoint.load_weights(files, wmap, expected, progress=bar)
+    return checkpoint.load_weights(files, wmap, expected, progress=bar, place=place)
 
 
 def _release_layout(generation, graph: Graph, files, bits: int, directory) -> dict[str, QuantSpec]:

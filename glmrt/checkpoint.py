@@ -54,6 +54,49 @@ def _is_zip(path: Path) -> bool:
         return False
 
 
+def drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel take back the resident pages of a tensor that torch.load memory-mapped from a
+    file, once it has been copied (quantized) and is not needed any more. The pages are clean,
+    private file pages: MADV_DONTNEED only unmaps them (a later read faults them in from the file
+    again, unchanged). Only for tensors of a memory-mapped load: on anonymous memory it would zero
+    them. Linux only; elsewhere nothing happens."""
+    if tensor.numel():
+        storage = tensor.untyped_storage()
+        drop_mapped_range(storage.data_ptr(), storage.nbytes())
+
+
+def drop_mapped_range(start: int, nbytes: int) -> None:
+    """drop_mapped_pages for the whole pages of [start, start + nbytes) of a file mapping."""
+    madvise = _libc_madvise()
+    if madvise is None or nbytes <= 0:
+        return
+    import mmap
+    end = start + nbytes
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the storage only
+    if last > first:
+        madvise(first, last - first, 4)  # MADV_DONTNEED
+
+
+_MADVISE = []
+
+
+def _libc_madvise():
+    if not _MADVISE:
+        import ctypes
+        import ctypes.util
+        import sys
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+                fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            except (OSError, AttributeError):
+                fn = None
+        _MADVISE.append(fn)
+    return _MADVISE[0]
+
+
 def load_pickle(path: Path):
     """torch.load(weights_only=True) of a .bin / .pt file: memory-mapped when it is the zip format,
     read whole when it is torch's legacy (pre-1.6, non-zip) format, which mmap cannot open. The
@@ -83,6 +126,17 @@ def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
         "as model.safetensors next to config.json")
 
 
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (first, last + 1) byte of its data in a safetensors file (8-byte little-endian
+    header length, the JSON header, then the data; the header's offsets count from its end)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {n: (base + int(e["data_offsets"][0]), base + int(e["data_offsets"][1]))
+            for n, e in header.items() if n != "__metadata__"}
+
+
 class WeightFiles:
     """A lazy view of all tensors of a checkpoint, across shards."""
 
@@ -94,6 +148,8 @@ class WeightFiles:
         self._metadata: dict[Path, dict] = {}
         self._open: dict[Path, object] = {}
         self._bin: dict[Path, dict] = {}
+        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._mapped: set[Path] = set()  # .bin files torch.load memory-mapped
         self._discover()
 
     # -------------------------------------------------------------- discovery
@@ -146,6 +202,8 @@ class WeightFiles:
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise CheckpointError(f"{path} does not hold a state dict of tensors; is it a model checkpoint?")
             self._bin[path] = state
+            if _is_zip(path):  # torch.load memory-mapped it (see load_pickle)
+                self._mapped.add(path)
             names = list(state)
             shapes = {n: tuple(t.shape) for n, t in state.items()}
             dtypes = {n: t.dtype for n, t in state.items()}
@@ -178,21 +236,50 @@ class WeightFiles:
         path = self.name_to_file[name]
         try:
             if path in self._open:
-                return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+                return self._read_safetensors(path, name)
             return self._bin[path][name]
         except Exception as exc:  # noqa: BLE001
             raise _corrupt(path, exc) from exc
+
+    def release(self, name: str) -> None:
+        """Tensor ``name`` has been consumed (copied into what the model keeps): drop its resident
+        pages if it is memory-mapped, so the mapping does not hold the whole checkpoint."""
+        path = self.name_to_file[name]
+        if path in self._mapped:
+            drop_mapped_pages(self._bin[path][name])
+
+    def _read_safetensors(self, path: Path, name: str) -> torch.Tensor:
+        """One tensor of a safetensors file, read into memory of its own. Read, not taken from the
+        file's memory map: mapped pages stay resident in the process as long as the file is open,
+        so reading a model through the map would hold all of it at once (quantizing on load keeps
+        only the quantized tensors)."""
+        offsets = self._offsets.get(path)
+        if offsets is None:
+            offsets = self._offsets[path] = _safetensors_offsets(path)
+        start, end = offsets[name]
+        out = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            with open(path, "rb") as f:
+                f.seek(start)
+                if f.readinto(memoryview(out.numpy())) != end - start:
+                    raise EOFError(f"{name} ends beyond the end of the file")
+        dtype, shape = self._dtypes[name], self._shapes[name]
+        if dtype is None:  # a dtype torch has no name for here: let safetensors say what it is
+            return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+        return out.view(dtype).reshape(shape)
 
     def files(self) -> list[Path]:
         return sorted(set(self.name_to_file.values()))
 
 
 def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 progress=None) -> dict[str, torch.Tensor]:
+                 progress=None, place=None) -> dict[str, torch.Tensor]:
     """Fill every expected canonical parameter from the checkpoint.
 
     ``expected``: canonical name -> (shape, dtype). All names and shapes are checked before any
-    tensor is read, and one error lists every problem."""
+    tensor is read, and one error lists every problem. ``place(name, tensor)`` -> {name: tensor}
+    takes each tensor as soon as it is read and converted (glmrt.quant.QuantizeOnLoad quantizes it
+    there, so the float model is never whole in memory); None keeps it as it is."""
     available = files.names()
     problems: list[str] = []
     missing_params = sorted(set(expected) - set(weight_map.sources))
@@ -253,10 +340,24 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
         value = source.build(tensors).to(expected[canonical][1]).contiguous()
         if value.is_floating_point() and value.numel():
             _check_finite(value, source.names, tensors, files.directory)
-        out[canonical] = value
+        if place is None:
+            out[canonical] = value
+        else:
+            placed = place(canonical, value)
+            out.update(placed)
+            release = getattr(files, "release", None)
+            if release is not None and not _shares_memory(placed.values(), tensors):
+                for n in source.names:  # copied into what the model keeps: the mapped pages can go
+                    release(n)
+        del tensors, value
         if progress is not None:
             progress(i + 1, len(items))
     return out
+
+
+def _shares_memory(kept, sources) -> bool:
+    ptrs = {t.untyped_storage().data_ptr() for t in sources if t.device.type == "cpu"}
+    return any(t.device.type == "cpu" and t.untyped_storage().data_ptr() in ptrs for t in kept)
 
 
 def _check_finite(value: torch.Tensor, names, tensors: list[torch.Tensor], directory) -> None:

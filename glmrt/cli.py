@@ -109,6 +109,21 @@ def _parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list the synthetic presets")
     presets.add_argument("--json", action="store_true")
 
+    memory = sub.add_parser("memory", help="bytes per device at tensor-parallel sizes 1/2/4/8, and the smallest "
+                                           "that fits (nothing is loaded)")
+    memory.add_argument("model", help="checkpoint directory or synthetic:<preset> (a bare preset name works too)")
+    where = memory.add_mutually_exclusive_group()
+    from .memory import DEVICES
+    where.add_argument("--device", default=None, help=f"a known device: {', '.join(DEVICES)}")
+    where.add_argument("--memory", default=None, metavar="GiB", help="the memory of one device in GiB")
+    memory.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    memory.add_argument("--quantize", default=None, help="int8 | int4 | int4-g64 ... (default: the checkpoint as it is)")
+    memory.add_argument("--context", type=int, default=2048, help="tokens per sequence: prompt + generated "
+                                                                  "(default: 2048)")
+    memory.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
+    memory.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    memory.add_argument("--json", action="store_true", help="print JSON")
+
     # Larger commands live in their own modules; each has register(subparsers) that adds its
     # parser and sets `handler` (a function of the parsed args returning an exit code).
     for module_name in _COMMAND_MODULES:
@@ -388,6 +403,20 @@ def _cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
+def _cmd_memory(args) -> int:
+    from .memory import device_by_name, device_with_memory, plan_memory, render
+    from .models import PRESETS
+    model = args.model
+    if model in PRESETS and not Path(model).exists():
+        model = f"synthetic:{model}"
+    device = (device_by_name(args.device) if args.device is not None else
+              device_with_memory(args.memory) if args.memory is not None else None)
+    result = plan_memory(model, device=device, dtype=args.dtype, quantize=args.quantize, context=args.context,
+                         batch=args.batch, layers=args.layers)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
 def _cmd_presets(args) -> int:
     from .models import PRESETS, config_from_dict
     rows = []
@@ -417,7 +446,8 @@ def _torch_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"info": _cmd_info, "run": _cmd_run, "chat": _cmd_chat, "presets": _cmd_presets}
+    handlers = {"info": _cmd_info, "run": _cmd_run, "chat": _cmd_chat, "presets": _cmd_presets,
+                "memory": _cmd_memory}
     try:
         handler = getattr(args, "handler", None) or handlers[args.command]
         return handler(args)

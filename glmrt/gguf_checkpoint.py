@@ -217,6 +217,19 @@ class _GGUFTensors:
             return self.file.block_values(name)
         return self.file.float_tensor(name)
 
+    def release(self, name: str) -> None:
+        """As checkpoint.WeightFiles.release: ``get`` copied tensor ``name`` out of the file's
+        memory map and it has been consumed; drop its resident pages from the map."""
+        from .checkpoint import drop_mapped_range
+        base = name.removesuffix("_scale") if name.endswith("_scale") and name.removesuffix("_scale") in self.exact \
+            else name
+        data = self.file.tensors[base].data
+        owner = data
+        while owner is not None and not isinstance(owner, np.memmap):
+            owner = getattr(owner, "base", None)
+        if owner is not None:  # a view of the reader's read-only file map (never anonymous memory)
+            drop_mapped_range(data.ctypes.data, data.nbytes)
+
 
 # ---------------------------------------------------------------------------------------------- vocabulary
 class _Vocab:
@@ -527,16 +540,17 @@ def plan_linears(file: GGUFFile, wmap, graph, quant_format: tuple[int, int] | No
 
 def prepare(path: Path, *, dtypes=None, backend_name: str = "cpu", dtype=None, layers: int | None = None,
             quantize: str | None = None, token_ids: dict | None = None, progress: bool = True,
-            materialize: bool = True):
+            materialize: bool = True, device=None):
     """glmrt.api.prepare for a GGUF file: config, graph (quantized where the file is) and weights
-    on the CPU, plus the tokenizer from the file's vocabulary."""
+    (on ``device``, None: the CPU), plus the tokenizer from the file's vocabulary. Tensors that are
+    re-quantized (k-quants with ``quantize``) are quantized one by one as they are read."""
     from . import checkpoint
-    from .api import Prepared, _cut_layers
+    from .api import Prepared, _cut_layers, _MoveTo
     from .config import dtype_name, parse_dtype
     from .graph import build_graph
     from .models import gguf as gguf_models
     from .progress import Progress
-    from .quant import parse_format, quantize_graph_layout, quantize_weights
+    from .quant import QuantizeOnLoad, parse_format, quantize_graph_layout
 
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
@@ -564,14 +578,17 @@ def prepare(path: Path, *, dtypes=None, backend_name: str = "cpu", dtype=None, l
     if not materialize:
         weights = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in final.params.items()}
     else:
-        bar = Progress(f"loading {path}", len(graph.params), enabled=progress)
+        place = QuantizeOnLoad(graph, final, device) if requant else (_MoveTo(device) if device is not None else None)
+        bar = Progress(f"loading {path}" + (" and re-quantizing" if requant else ""), len(graph.params),
+                       enabled=progress)
         try:
             expected = {n: (p.shape, p.dtype) for n, p in graph.params.items()}
-            weights = checkpoint.load_weights(_GGUFTensors(file, exact_tensors), wmap, expected, progress=bar)
+            weights = checkpoint.load_weights(_GGUFTensors(file, exact_tensors), wmap, expected, progress=bar,
+                                              place=place)
         finally:
             bar.close()
         if requant:
-            weights = quantize_weights(graph, final, weights)
+            weights = place.scales_last(weights)
         tokenizer, family = build_tokenizer(file)
     raw = {k: v for k, v in file.metadata.items() if not isinstance(v, list)}  # the scalars, not the vocabulary
     return Prepared(str(path), raw, cfg, final, weights, None, gguf_models, tokenizer=tokenizer, chat_family=family)

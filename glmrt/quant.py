@@ -57,9 +57,30 @@ def num_groups(k: int, group_size: int) -> int:
     return 1 if group_size == 0 else -(-k // group_size)
 
 
+# quantize_weight works through this many weight values at a time: every step is per row (a row's
+# scale, its rounding, its packing), so row blocks give exactly the one-block result while the
+# float32 temporaries stay small (a whole ChatGLM-6B MLP up projection is 0.5 GB in float32, and
+# three such temporaries at once would dominate the peak of quantizing on load).
+QUANT_BLOCK = 1 << 22
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0,
                     scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> (q int8 (N, K) or packed (N, ceil(K/2)), scale (N,) or (N, G))."""
+    n, k = w.shape
+    rows = max(1, QUANT_BLOCK // max(k, 1))
+    if n <= rows:
+        return _quantize_rows(w, bits, group_size, scale_dtype)
+    q = torch.empty((n, k if bits == 8 else -(-k // 2)), dtype=torch.int8)
+    scale = torch.empty((n,) if group_size == 0 else (n, num_groups(k, group_size)), dtype=scale_dtype or w.dtype)
+    for start in range(0, n, rows):
+        q[start:start + rows], scale[start:start + rows] = _quantize_rows(w[start:start + rows], bits, group_size,
+                                                                          scale_dtype)
+    return q, scale
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int,
+                   scale_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     qmax = 2 ** (bits - 1) - 1
     wf = w.float()
@@ -183,22 +204,75 @@ def graph_layout(graph: Graph) -> dict[str, QuantSpec]:
     return out
 
 
+def _libc_malloc_trim():
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to call
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed host tensors back to the system now (glibc's malloc_trim). Loading
+    frees a large float tensor after each small quantized one is kept; glibc serves such sizes
+    from its heap once its mmap threshold has grown, and keeps the freed pages between the kept
+    tensors resident, so without this the peak grows towards the float model's size."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class QuantizeOnLoad:
+    """The quantization pass applied to one weight at a time, as a loader produces it, so that a
+    model quantized on load never holds more than one float linear besides its quantized weights.
+    ``place(name, tensor)`` -> {name: tensor, ...}: the float weight of a linear that ``quantized``
+    quantizes comes back as its int8 (packed for INT4) weight plus its scale; any other tensor as it is.
+    ``device``: where the returned tensors go (None: stay where they are, the CPU)."""
+
+    def __init__(self, graph: Graph, quantized: Graph, device=None):
+        self.device = device
+        self.todo: dict[str, tuple[int, int, str, torch.dtype]] = {}
+        for old, new in zip(graph.nodes, quantized.nodes):
+            q = new.attrs.get("quant")
+            if q is not None and "quant" not in old.attrs:
+                sname = new.params["scale"]
+                self.todo[new.params["weight"]] = (q["bits"], q["group_size"], sname, quantized.params[sname].dtype)
+
+    def __call__(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        job = self.todo.get(name)
+        if job is None:
+            out = {name: value}
+        else:
+            bits, group_size, sname, scale_dtype = job
+            qweight, scale = quantize_weight(value, bits, group_size, scale_dtype)
+            out = {name: qweight, sname: scale}
+            del value
+            release_freed_memory()
+        if self.device is not None:
+            out = {n: t.to(self.device) for n, t in out.items()}
+        return out
+
+    def scales_last(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``weights`` in the order quantize_weights gives them (every new scale after the rest)."""
+        scales = {job[2] for job in self.todo.values()}
+        return {**{n: t for n, t in weights.items() if n not in scales},
+                **{n: t for n, t in weights.items() if n in scales}}
+
+
 def quantize_weights(graph: Graph, quantized: Graph, weights: dict[str, torch.Tensor],
                      progress=None) -> dict[str, torch.Tensor]:
     """Quantize the float weights of ``graph`` into the layout ``quantized`` (from quantize_graph) expects.
-    ``progress(done, total)`` is called after each linear."""
+    ``progress(done, total)`` is called after each linear. (Loaders quantize as they read instead,
+    through QuantizeOnLoad, which does the same arithmetic weight by weight.)"""
+    place = QuantizeOnLoad(graph, quantized)
     out = dict(weights)
-    todo = [(old, new) for old, new in zip(graph.nodes, quantized.nodes)
-            if new.attrs.get("quant") is not None and "quant" not in old.attrs]
-    for i, (old, new) in enumerate(todo):
-        q = new.attrs["quant"]
-        wname = new.params["weight"]
-        sname = new.params["scale"]
-        qweight, scale = quantize_weight(weights[wname], q["bits"], q["group_size"], quantized.params[sname].dtype)
-        out[wname] = qweight
-        out[sname] = scale
+    for i, wname in enumerate(place.todo):
+        out.update(place(wname, weights[wname]))
         if progress is not None:
-            progress(i + 1, len(todo))
+            progress(i + 1, len(place.todo))
     return out
 
 

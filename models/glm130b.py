@@ -234,6 +234,8 @@ class SATShards:
                                       "the ranks come from different checkpoints")
         self._paths = paths
         self._names = names
+        from ..checkpoint import _is_zip
+        self._mapped = {p for p in paths if _is_zip(p)}  # torch.load memory-mapped these
 
     @staticmethod
     def _iteration_dir(directory: Path) -> Path:
@@ -301,6 +303,13 @@ class SATShards:
 
     def get(self, name: str) -> torch.Tensor:
         return self._merge(name, [s[name] for s in self.shards])
+
+    def release(self, name: str) -> None:
+        """As WeightFiles.release: tensor ``name`` was consumed; drop its memory-mapped pages."""
+        from ..checkpoint import drop_mapped_pages
+        for path, shard in zip(self._paths, self.shards):
+            if path in self._mapped:
+                drop_mapped_pages(shard[name])
 
     def dtype(self, name: str) -> torch.dtype:
         return self.shards[0][name].dtype
