@@ -20,6 +20,7 @@ from .model import Model
 from .models import config_from_dict, glm130b, preset, tokenizer_family
 from .models.common import WeightMap
 from .progress import Progress
+from .shard import check_quantization, shard_graph, shard_weights, tp_layout
 from .quant import (FORMAT_KEY, QuantSpec, layout_from_entry, parse_format, quantizable_linears, quantize_graph,
                     quantize_graph_layout, quantize_weights)
 
@@ -80,7 +81,8 @@ class Prepared:
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
          quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
-         kernels: str = "auto", progress: bool = True, fuse: bool = True) -> Model:
+         kernels: str = "auto", progress: bool = True, fuse: bool = True, tensor_parallel: int | None = None,
+         distributed_timeout: float = 300.0) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, "synthetic:<preset>" (real widths,
@@ -103,6 +105,13 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     fuse: apply the fusion passes (glmrt.fusion: residual + norm -> residual_norm) where the backend
         has a kernel for the fused node; the graph, and so the arithmetic, is the same whichever
         ``kernels`` is chosen. False keeps the graph as built (for comparisons and debugging).
+    tensor_parallel: N to run this process as one of N tensor-parallel ranks (glmrt.shard), inside a
+        process group of N processes: the one torchrun starts (`torchrun --nproc-per-node N ...`; glmrt
+        initialises it from torchrun's environment with the backend's collective transport if it is not
+        yet), or one the caller initialised. Every rank holds its slice of the weights and returns the
+        same full logits and tokens; every rank must make the same calls.
+    distributed_timeout: seconds a collective may wait for the other ranks (a rank that dies or hangs
+        turns into a glmrt error), when glmrt initialises the process group.
     """
     if kernels not in KERNEL_CHOICES:  # before any weight is read
         raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
@@ -115,12 +124,17 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     if getattr(be, "export_format", None):  # a backend that runs exported graphs only (onnxruntime)
         raise BackendError(f"backend {be.name!r} runs {be.export_format} exports, and {path_or_preset} is not one: "
                            f"glmrt export {path_or_preset} --format onnx --out DIR, then glmrt.load(DIR)")
+    comm = None
+    if tensor_parallel is not None:
+        comm = _join_group(be, tensor_parallel, distributed_timeout)
+        progress = progress and comm.rank == 0
     prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
-                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress)
+                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress,
+                   tensor_parallel=None if comm is None else (comm.size, comm.rank))
     device = be.device()
     weights = {name: t.to(device) for name, t in prep.weights.items()}
     graph = _fuse(prep.graph, be, fuse)
-    plan = lower(graph, be, weights, strict=strict, kernels=kernels)
+    plan = lower(graph, be, weights, strict=strict, kernels=kernels, comm=comm)
     model = Model(prep.cfg, graph, plan, weights, prep.source)
     if prep.tokenizer is not None:
         model.tokenizer, model.chat_family = prep.tokenizer, prep.chat_family
@@ -138,6 +152,18 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
             model._tokenizer_factory = functools.partial(synthetic_tokenizer, family)
             model.chat_family = family
     return model
+
+
+def _join_group(be, size, timeout_s):
+    """The communicator of this rank (glmrt.distributed); on a device backend each local rank
+    takes its own device (LOCAL_RANK, as torchrun numbers them)."""
+    from .distributed import init_tensor_parallel
+    comm = init_tensor_parallel(size, be.capabilities().collective_backend, be.name, timeout_s)
+    local = os.environ.get("LOCAL_RANK")
+    dev_mod = getattr(torch, be.device_type, None) if be.device_type not in ("cpu", "") else None
+    if local is not None and dev_mod is not None and hasattr(dev_mod, "set_device"):
+        dev_mod.set_device(int(local))
+    return comm
 
 
 def plan(path_or_preset: str | os.PathLike, *, backend: str, dtype=None, layers: int | None = None,
@@ -162,16 +188,23 @@ def _fuse(graph: Graph, backend, fuse: bool) -> Graph:
 
 def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str = "cpu", dtype=None,
             layers: int | None = None, quantize: str | None = None, token_ids: dict | None = None,
-            progress: bool = True, materialize: bool = True) -> Prepared:
+            progress: bool = True, materialize: bool = True,
+            tensor_parallel: tuple[int, int] | None = None) -> Prepared:
     """Read config and weights and apply the quantization pass, without lowering (glmrt.load and
     `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any).
     ``materialize=False``: the weights are meta tensors of the right shapes and dtypes (nothing is
-    read or generated), for planning without loading."""
+    read or generated), for planning without loading. ``tensor_parallel=(size, rank)``: the graph
+    and weights of that rank (glmrt.shard), quantized (when asked) after sharding."""
     gguf_file = gguf_checkpoint.find_gguf(path_or_preset)
     if gguf_file is not None:  # a GGUF file, or a directory holding one (glmrt.gguf_checkpoint)
-        return gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
+        prep = gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
                                        layers=layers, quantize=quantize, token_ids=token_ids, progress=progress,
                                        materialize=materialize)
+        if tensor_parallel is not None:
+            full = prep.graph
+            prep.graph = shard_graph(full, *tensor_parallel)
+            prep.weights = shard_weights(full, prep.weights, *tensor_parallel)
+        return prep
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
     spec = str(path_or_preset)
@@ -205,6 +238,10 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
     glmrt_format = raw.get(FORMAT_KEY)
     generation, cfg = config_from_dict({k: v for k, v in raw.items() if k != FORMAT_KEY})
     cfg = _cut_layers(cfg, layers)
+    if tensor_parallel is not None:  # refuse a size that does not divide, before reading any weight
+        tp_layout(cfg, *tensor_parallel)
+        if quant_format is not None:
+            check_quantization(cfg, tensor_parallel[0], *quant_format)
     stored_layout, stored_dtype = (None, None)
     if glmrt_format is not None:
         stored_layout, stored_dtype = layout_from_entry(glmrt_format, f"{directory / 'config.json'}")
@@ -263,6 +300,10 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
             weights = synthetic_weights(graph, progress=bar)
     finally:
         bar.close()
+    if tensor_parallel is not None:  # this rank's slices; quantization (below) comes after
+        full_graph = graph
+        graph = shard_graph(full_graph, *tensor_parallel)
+        weights = shard_weights(full_graph, weights, *tensor_parallel)
     if quant_format is not None and layout is None:
         quantized = quantize_graph(graph, *quant_format)
         if materialize:

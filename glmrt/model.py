@@ -42,6 +42,12 @@ class Model:
         self.backend = plan.backend
         self.device = plan.device
         self.dtype = graph.dtype
+        from .shard import local_kv_heads
+        self.kv_heads = local_kv_heads(graph)  # KV groups this process caches (its rank's under TP)
+        # Tensor parallelism (glmrt.shard, glmrt.distributed): (size, rank) and the communicator,
+        # or None / None for a single-process model.
+        self.tensor_parallel = graph.tensor_parallel
+        self.comm = plan.comm
         self._tokenizer = None  # set by load() when the checkpoint ships one
         # A synthetic preset's tokenizer is built on first use (glmrt.synthetic_tokenizer).
         self._tokenizer_factory = None
@@ -208,6 +214,9 @@ class Model:
         generated (text generation passes the tokenizer's vocabulary size: GLM-4's 151552
         outputs, for instance, end in 209 padded ids that no text has)."""
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        if self.comm is not None and do_sample and seed is None:
+            # Every rank must draw the same token: rank 0 picks the seed for all of them.
+            params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, self.comm.shared_seed())
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
@@ -511,7 +520,7 @@ class _Decoder:
         cfg = model.config
         self.model = model
         self.key = (self.mode, batch, total)
-        self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, total, cfg.head_dim, model.dtype, model.device)
+        self.cache = KVCache(cfg.num_layers, batch, model.kv_heads, total, cfg.head_dim, model.dtype, model.device)
         self.key_valid = torch.ones(batch, total, dtype=torch.bool, device=model.device)
 
     def step(self, token: torch.Tensor, positions: torch.Tensor, pos: int) -> torch.Tensor:

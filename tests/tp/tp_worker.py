@@ -1,0 +1,69 @@
+"""One tensor-parallel rank of the tests in test_tp_ranks.py, started with torchrun's environment
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) by the test: glmrt.load initialises the gloo group
+from it. Usage: tp_worker.py OUT_DIR JOB [args]; writes OUT_DIR/rank<r>.pt."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tp_cases  # noqa: E402
+
+import glmrt  # noqa: E402
+
+
+def job_cases(size: int, names: list[str], quantize: list[str]) -> dict:
+    out = {}
+    for name in names:
+        model = glmrt.load(f"synthetic:tp-{name}", backend="cpu", dtype="float32", tensor_parallel=size,
+                           progress=False, distributed_timeout=60)
+        out[name] = tp_cases.run(model, name)
+        out[name]["kv_heads"] = model.kv_heads
+        out[name]["weights"] = {k: v.clone() for k, v in model.weights.items()}
+    for spec in quantize:
+        name, fmt = spec.split("=")
+        model = glmrt.load(f"synthetic:tp-{name}", backend="cpu", dtype="float32", tensor_parallel=size,
+                           progress=False, quantize=fmt, distributed_timeout=60)
+        out[f"{name}={fmt}"] = tp_cases.run(model, name)
+    return out
+
+
+def job_hang(size: int) -> dict:
+    model = glmrt.load("synthetic:tp-chatglm2", backend="cpu", dtype="float32", tensor_parallel=size,
+                       progress=False, distributed_timeout=3)
+    ids, mask = tp_cases.prompts("chatglm2")
+    if model.comm.rank == size - 1:  # this rank "hangs": it never joins the forward
+        time.sleep(60)
+        return {}
+    t0 = time.monotonic()
+    try:
+        model.logits(ids, attention_mask=mask)
+    except glmrt.GLMRTError as exc:
+        return {"error": type(exc).__name__, "message": str(exc), "seconds": time.monotonic() - t0}
+    return {"error": None, "seconds": time.monotonic() - t0}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out_dir, job = sys.argv[1], sys.argv[2]
+    tp_cases.register()
+    size = int(os.environ["WORLD_SIZE"])
+    if job == "cases":
+        names = [a for a in sys.argv[3:] if "=" not in a]
+        quant = [a for a in sys.argv[3:] if "=" in a]
+        result = job_cases(size, names, quant)
+    elif job == "hang":
+        result = job_hang(size)
+    else:
+        raise SystemExit(f"unknown job {job}")
+    torch.save(result, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+    sys.stdout.flush()
+    os._exit(0)  # do not wait in the process group's destructor for a rank that hangs on purpose
+
+
+if __name__ == "__main__":
+    main()
