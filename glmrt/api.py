@@ -20,7 +20,7 @@ from .model import Model
 from .models import config_from_dict, glm130b, preset, tokenizer_family
 from .models.common import WeightMap
 from .progress import Progress
-from .shard import check_quantization, shard_graph, shard_weights, tp_layout
+from .shard import check_quantization, param_shards, shard_graph, shard_weights, tp_layout
 from .quant import (FORMAT_KEY, QuantSpec, layout_from_entry, parse_format, quantizable_linears, quantize_graph,
                     quantize_graph_layout, quantize_weights)
 
@@ -43,9 +43,11 @@ def _cut_layers(cfg: GLMConfig, layers: int | None) -> GLMConfig:
     return cfg.replace(num_layers=layers)
 
 
-def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -> dict[str, torch.Tensor]:
+def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None,
+                      shards: dict | None = None) -> dict[str, torch.Tensor]:
     """Random weights with a fixed seed: N(0, 0.02) matrices, norm weights near 1, small biases.
-    Deterministic for a given graph, whatever the backend."""
+    Deterministic for a given graph, whatever the backend. ``shards`` (glmrt.shard.param_shards):
+    keep only a tensor-parallel rank's part of each tensor, as soon as it is drawn."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     items = list(graph.params.items())
@@ -56,6 +58,8 @@ def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None) -
             t.mul_(0.1).add_(1.0)
         else:  # matrices, biases and norm biases
             t.mul_(0.02)
+        if shards is not None:
+            t = shards[name].take(t)
         out[name] = t.to(spec.dtype)
         del t
         if progress is not None:
@@ -293,17 +297,21 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
                 wmap = generation.weight_map(cfg)
                 weight_of = {node.name: node.params["weight"] for node in float_graph.nodes if node.name in layout}
                 wmap.add_quant_scales(weight_of[n] for n in layout)
-            weights = _load(files, wmap, graph, raw, layers, bar)
+            weights = _load(files, wmap, graph, raw, layers, bar, _shards(graph, tensor_parallel))
+        elif files is not None and _sat_rank_files(files, cfg, tensor_parallel):
+            weights = _load_sat_rank(files, generation, cfg, graph, raw, layers, bar, tensor_parallel)
         elif files is not None:
-            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar)
+            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar,
+                            _shards(graph, tensor_parallel))
         else:
-            weights = synthetic_weights(graph, progress=bar)
+            weights = synthetic_weights(graph, progress=bar, shards=_shards(graph, tensor_parallel))
     finally:
         bar.close()
-    if tensor_parallel is not None:  # this rank's slices; quantization (below) comes after
+    if tensor_parallel is not None:  # this rank's graph (its weights were read as slices); quantization comes after
         full_graph = graph
         graph = shard_graph(full_graph, *tensor_parallel)
-        weights = shard_weights(full_graph, weights, *tensor_parallel)
+        if not materialize:
+            weights = shard_weights(full_graph, weights, *tensor_parallel)
     if quant_format is not None and layout is None:
         quantized = quantize_graph(graph, *quant_format)
         if materialize:
@@ -328,13 +336,38 @@ def _beyond(node_name: str, layers: int | None) -> bool:
     return int(node_name.split(".")[1]) >= layers
 
 
-def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar) -> dict[str, torch.Tensor]:
-    expected = {name: (p.shape, p.dtype) for name, p in graph.params.items()}
+def _shards(graph: Graph, tensor_parallel):
+    return None if tensor_parallel is None else param_shards(graph, *tensor_parallel)
+
+
+def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar, shards=None,
+          expected=None) -> dict[str, torch.Tensor]:
+    expected = expected or {name: (p.shape, p.dtype) for name, p in graph.params.items()}
     if layers is not None:  # a depth-cut load drops the checkpoint's deeper layers on purpose
         wmap.ignore = wmap.ignore + tuple(
             rf".*layers\.{i}\..*" for i in range(layers, int(raw.get("num_layers") or
                                                               raw.get("num_hidden_layers") or layers)))
-    return checkpoint.load_weights(files, wmap, expected, progress=bar)
+    return checkpoint.load_weights(files, wmap, expected, progress=bar, shards=shards)
+
+
+def _sat_rank_files(files, cfg: GLMConfig, tensor_parallel) -> bool:
+    """A float GLM-130B SAT checkpoint whose rank files split evenly over the tensor-parallel ranks:
+    each rank reads its own files only (glm130b.SATShards.select_ranks)."""
+    if tensor_parallel is None or not isinstance(files, glm130b.SATShards):
+        return False
+    if cfg.vocab_size % tensor_parallel[0]:
+        return False
+    return files.select_ranks(*tensor_parallel)
+
+
+def _load_sat_rank(files, generation, cfg: GLMConfig, graph: Graph, raw: dict, layers, bar, tensor_parallel):
+    """The rank's weights from its SAT rank files: their merged view is the model of the rank's
+    heads, MLP columns and vocabulary rows, so it reads with the name map of that smaller model."""
+    lay = tp_layout(cfg, *tensor_parallel)
+    local_cfg = cfg.replace(num_heads=lay.heads, num_kv_heads=lay.heads, ffn_hidden_size=lay.ffn, vocab_size=lay.vocab)
+    local = shard_graph(graph, *tensor_parallel)
+    expected = {name: (p.shape, p.dtype) for name, p in local.params.items()}
+    return _load(files, generation.weight_map(local_cfg), graph, raw, layers, bar, expected=expected)
 
 
 def _release_layout(generation, graph: Graph, files, bits: int, directory) -> dict[str, QuantSpec]:

@@ -183,16 +183,71 @@ class WeightFiles:
         except Exception as exc:  # noqa: BLE001
             raise _corrupt(path, exc) from exc
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes of a
+        safetensors file (safe_open's get_slice) or only those pages of a memory-mapped .bin."""
+        path = self.name_to_file[name]
+        try:
+            if path in self._open:
+                view = self._open[path].get_slice(name)  # type: ignore[attr-defined]
+                return view[start:stop] if dim == 0 else view[:, start:stop]
+            return self._bin[path][name].narrow(dim, start, stop - start).clone()
+        except Exception as exc:  # noqa: BLE001
+            raise _corrupt(path, exc) from exc
+
     def files(self) -> list[Path]:
         return sorted(set(self.name_to_file.values()))
 
 
+def _read_shard(files, source, shard, full_shape):
+    from .models.chatglm6b import DeinterleaveQKV
+    from .models.common import concat_rows
+    sliceable = hasattr(files, "get_slice")
+    dim, ranges = shard.dim, shard.ranges
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if not shard.pad:
+            return t
+        shape = list(t.shape)
+        shape[dim] = shard.pad
+        return torch.cat((t, torch.zeros(shape, dtype=t.dtype)), dim=dim)
+
+    if sliceable and len(source.names) == 1 and source.combine is None:
+        name = source.names[0]
+        parts = [files.get_slice(name, dim, a, b) for a, b in ranges if b > a]
+        return pad(torch.cat(parts, dim=dim) if len(parts) != 1 else parts[0])
+    if sliceable and dim == 0 and source.combine is concat_rows:
+        offsets, at = [], 0
+        for name in source.names:
+            rows = files.shape(name)[0]
+            offsets.append((name, at, at + rows))
+            at += rows
+        parts = []
+        for a, b in ranges:
+            for name, lo, hi in offsets:
+                s, e = max(a, lo), min(b, hi)
+                if e > s:
+                    parts.append(files.get_slice(name, 0, s - lo, e - lo))
+        return pad(torch.cat(parts, dim=0))
+    if sliceable and dim == 0 and isinstance(source.combine, DeinterleaveQKV) and len(ranges) == 3 and not shard.pad:
+        nh, hd = source.combine.num_heads, source.combine.head_dim
+        (q0, q1), (k0, k1), (v0, v1) = ranges
+        h0, h1 = q0 // hd, q1 // hd
+        if (q0 % hd == 0 and q1 % hd == 0 and (k0, k1) == (nh * hd + q0, nh * hd + q1)
+                and (v0, v1) == (2 * nh * hd + q0, 2 * nh * hd + q1)):
+            rows = files.get_slice(source.names[0], 0, 3 * hd * h0, 3 * hd * h1)
+            return DeinterleaveQKV(h1 - h0, hd)([rows])
+    return shard.take(source.build([files.get(n) for n in source.names]))
+
+
 def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 progress=None) -> dict[str, torch.Tensor]:
+                 progress=None, shards: dict | None = None) -> dict[str, torch.Tensor]:
     """Fill every expected canonical parameter from the checkpoint.
 
     ``expected``: canonical name -> (shape, dtype). All names and shapes are checked before any
-    tensor is read, and one error lists every problem."""
+    tensor is read, and one error lists every problem. ``shards`` (canonical name ->
+    glmrt.shard.ParamShard): read only a tensor-parallel rank's part of each parameter (the
+    shapes checked are still the whole model's)."""
     available = files.names()
     problems: list[str] = []
     missing_params = sorted(set(expected) - set(weight_map.sources))
@@ -249,8 +304,14 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
     out: dict[str, torch.Tensor] = {}
     items = [(c, s) for c, s in weight_map.sources.items() if c in expected]
     for i, (canonical, source) in enumerate(items):
-        tensors = [files.get(n) for n in source.names]
-        value = source.build(tensors).to(expected[canonical][1]).contiguous()
+        shard = shards.get(canonical) if shards else None
+        if shard is not None and shard.dim is not None:
+            value = _read_shard(files, source, shard, expected[canonical][0])
+            tensors = [value]
+        else:
+            tensors = [files.get(n) for n in source.names]
+            value = source.build(tensors)
+        value = value.to(expected[canonical][1]).contiguous()
         if value.is_floating_point() and value.numel():
             _check_finite(value, source.names, tensors, files.directory)
         out[canonical] = value

@@ -24,12 +24,16 @@ def free_port() -> int:
 def launch(size: int, out_dir: Path, args: list[str], timeout: float, wait_for: list[int] | None = None):
     """Run the ranks; returns ({rank: result}, {rank: output text}). Ranks not in ``wait_for``
     (default: all) are killed once those are done."""
+    import glmrt
+    # The ranks import the glmrt this test process imported (the checkout or the installed package).
+    root = str(Path(glmrt.__file__).resolve().parent.parent)
+    path = os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     port = free_port()
     procs = []
     for rank in range(size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size),
                    LOCAL_WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", PYTHONPATH=path)
         log = open(out_dir / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, str(WORKER), str(out_dir), *args], env=env, stdout=log,
                                        stderr=subprocess.STDOUT), log))

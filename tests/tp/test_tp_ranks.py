@@ -23,11 +23,34 @@ JOB_TIMEOUT = 240  # seconds for a whole job (8 processes on a small shared CI m
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def ckpts(tmp_path_factory):
+    """Checkpoint directories in the releases' layouts, which the ranks read as slices: GLM-130B's
+    SAT rank files (8 of them, and 1), transformers glm4 safetensors (separate q / k / v) in two
+    shards, THUDM ChatGLM2/3 safetensors (one blocked [Q|K|V] tensor)."""
+    import ckpt_writers as cw
+    import test_glm130b_parity as g130
+    full = g130.make_full_state_dict()
+    out = {"sat8": ("sat", g130.write_sat(tmp_path_factory.mktemp("sat8"), g130.split_like_sat(full, 8))),
+           "sat1": ("sat", g130.write_sat(tmp_path_factory.mktemp("sat1"), [full]))}
+    hf = cw.hf_glm_config(model_type="glm4", vocab_size=256, num_attention_heads=8, head_dim=8,
+                          intermediate_size=128, num_key_value_heads=2)
+    out["glm4-hf"] = ("glm", cw.write_hf_checkpoint(tmp_path_factory.mktemp("glm4hf"), hf,
+                                                    cw.random_hf_glm_state_dict(hf), num_shards=2))
+    glm = dict(hf, model_type="glm", architectures=["GlmForCausalLM"], rope_theta=10000.0)
+    sd = cw.random_hf_glm_state_dict(glm, seed=3)
+    thudm = cw.thudm_config_from_hf(glm, rope_ratio=1.0)
+    out["chatglm2-thudm"] = ("glm", cw.write_hf_checkpoint(tmp_path_factory.mktemp("thudm"), thudm,
+                                                           cw.hf_to_thudm(sd, glm)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ckpts):
+    dirs = [f"dir:{key}:{prompts}:{path}" for key, (prompts, path) in ckpts.items()]
     out = {}
     for size in SIZES:
         d = tmp_path_factory.mktemp(f"tp{size}")
-        results, _ = launch(size, d, ["cases", *NAMES, *QUANT.get(size, [])], JOB_TIMEOUT)
+        results, _ = launch(size, d, ["cases", *NAMES, *QUANT.get(size, []), *dirs], JOB_TIMEOUT)
         out[size] = results
     return out
 
@@ -48,6 +71,22 @@ def single():
             model = glmrt.load(f"synthetic:tp-{name}", backend="cpu", dtype="float32", progress=False, quantize=fmt)
             out[spec] = tp_cases.run(model, name)
     return out
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("key", ["sat8", "sat1", "glm4-hf", "chatglm2-thudm"])
+def test_checkpoints_read_as_rank_slices_give_the_single_process_logits(runs, ckpts, size, key):
+    """GLM-130B's 8 SAT rank files taken as they are at tp 8, merged two or four at a time at tp 4
+    and 2 (and the 1-rank checkpoint split), and safetensors read with get_slice, all give the
+    logits of the single-process load of the same directory."""
+    prompts, path = ckpts[key]
+    ref = tp_cases.run(glmrt.load(str(path), backend="cpu", dtype="float32", progress=False,
+                                  **tp_cases.load_kwargs(prompts)), prompts)
+    for rank, result in runs[size].items():
+        got = result[key]
+        _close(got["logits"], ref["logits"], f"{key} tp {size} rank {rank}")
+        _close(got["step_logits"], ref["step_logits"], f"{key} tp {size} rank {rank} decode")
+        assert torch.equal(got["tokens"], ref["tokens"])
 
 
 def _close(a, b, what):

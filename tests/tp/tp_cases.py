@@ -34,6 +34,9 @@ CASES: dict[str, dict] = {
                   "eos_token_id": 2, "pad_token_id": 0},
 }
 
+# The tiny SAT checkpoints of tests/models/test_glm130b_parity.py (vocabulary 200) use these.
+SAT_SPECIAL = {"mask": 190, "gmask": 191, "smask": 192, "sop": 194, "eop": 195, "eos": 196}
+
 NEW_TOKENS = 17  # one prefill + 16 cached decode steps feed the sampler
 
 
@@ -44,14 +47,19 @@ def register() -> None:
         presets.PRESETS[f"tp-{name}"] = dict(raw)
 
 
+def load_kwargs(name: str) -> dict:
+    """Extra glmrt.load arguments of a case's checkpoint directory (GLM-130B's tiny special ids)."""
+    return {"token_ids": SPECIAL} if name == "glm-130b" else {"token_ids": SAT_SPECIAL} if name == "sat" else {}
+
+
 def prompts(name: str) -> tuple[list[list[int]], list[list[int]]]:
     """(input_ids, attention_mask) of a left-padded batch of two prompts for the case."""
-    raw = CASES[name]
     a, b = [5, 17, 42, 7, 99, 12, 250], [8, 3, 61]
-    if name in ("glm-130b", "chatglm-6b"):  # text + [gMASK] + <sop>
-        gmask, sop = (SPECIAL["gmask"], SPECIAL["sop"]) if name == "glm-130b" else (291, 294)
+    if name in ("glm-130b", "chatglm-6b", "sat"):  # text + [gMASK] + <sop>
+        gmask, sop = {"glm-130b": (SPECIAL["gmask"], SPECIAL["sop"]), "chatglm-6b": (291, 294),
+                      "sat": (SAT_SPECIAL["gmask"], SAT_SPECIAL["sop"])}[name]
+        a = [t % 180 for t in a]
         a, b = a + [gmask, sop], b + [gmask, sop]
-    del raw
     pad = len(a) - len(b)
     return [a, [0] * pad + b], [[1] * len(a), [0] * pad + [1] * len(b)]
 

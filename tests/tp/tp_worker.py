@@ -16,8 +16,13 @@ import tp_cases  # noqa: E402
 import glmrt  # noqa: E402
 
 
-def job_cases(size: int, names: list[str], quantize: list[str]) -> dict:
+def job_cases(size: int, names: list[str], quantize: list[str], dirs: list[str]) -> dict:
     out = {}
+    for spec in dirs:  # dir:KEY:PROMPTS:PATH - a checkpoint directory, read as this rank's slices
+        _, key, prompts, path = spec.split(":", 3)
+        model = glmrt.load(path, backend="cpu", dtype="float32", tensor_parallel=size, progress=False,
+                           distributed_timeout=60, **tp_cases.load_kwargs(prompts))
+        out[key] = tp_cases.run(model, prompts)
     for name in names:
         model = glmrt.load(f"synthetic:tp-{name}", backend="cpu", dtype="float32", tensor_parallel=size,
                            progress=False, distributed_timeout=60)
@@ -53,9 +58,11 @@ def main() -> None:
     tp_cases.register()
     size = int(os.environ["WORLD_SIZE"])
     if job == "cases":
-        names = [a for a in sys.argv[3:] if "=" not in a]
-        quant = [a for a in sys.argv[3:] if "=" in a]
-        result = job_cases(size, names, quant)
+        args = sys.argv[3:]
+        dirs = [a for a in args if a.startswith("dir:")]
+        names = [a for a in args if "=" not in a and a not in dirs]
+        quant = [a for a in args if "=" in a and a not in dirs]
+        result = job_cases(size, names, quant, dirs)
     elif job == "hang":
         result = job_hang(size)
     else:
