@@ -43,8 +43,15 @@ class Communicator:
     """The collectives of one tensor-parallel group (the default process group)."""
 
     def __init__(self, size: int, rank: int, group=None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 transport: str = "gloo"):
+                 transport: str = "gloo", collectives=None, accumulate_fp32: bool = False, root: int = 0):
+        """``collectives``: the module whose all_reduce(tensor, group=) / all_gather(list, tensor,
+        group=) / broadcast_object_list / barrier carry the data (default torch.distributed; the
+        Sunway shim passes its deepspeed.comm). ``accumulate_fp32``: all-reduce half-precision
+        partial sums in fp32 and round once (the shim's rule; the releases reduce in the model dtype)."""
         self.size, self.rank, self.group = size, rank, group
+        self.collectives = collectives
+        self.accumulate_fp32 = accumulate_fp32
+        self.root = root  # the global rank of this group's rank 0 (the source of broadcasts)
         self.timeout_s = timeout_s
         self.transport = transport
         self.counts: collections.Counter = collections.Counter()
@@ -71,17 +78,21 @@ class Communicator:
         self.counts[kind] += 1
         return out
 
+    def _ops(self):
+        return self.collectives if self.collectives is not None else _dist()
+
     def all_reduce(self, x: torch.Tensor, what: str = "a tensor") -> torch.Tensor:
-        dist = _dist()
-        x = x.contiguous()
+        dist = self._ops()
+        dtype = x.dtype
+        x = x.float() if self.accumulate_fp32 and dtype != torch.float32 else x.contiguous()
 
         def run():
             dist.all_reduce(x, group=self.group)
-            return x
+            return x.to(dtype)
         return self._run("all_reduce", what, run)
 
     def all_gather(self, x: torch.Tensor, what: str = "a tensor", dim: int = -1) -> torch.Tensor:
-        dist = _dist()
+        dist = self._ops()
         x = x.contiguous()
 
         def run():
@@ -91,11 +102,11 @@ class Communicator:
         return self._run("all_gather", what, run)
 
     def broadcast_object(self, obj, what: str = "an object"):
-        dist = _dist()
+        dist = self._ops()
         box = [obj if self.rank == 0 else None]
 
         def run():
-            dist.broadcast_object_list(box, src=0, group=self.group)
+            dist.broadcast_object_list(box, src=self.root, group=self.group)
             return box[0]
         return self._run("broadcast", what, run)
 
@@ -106,7 +117,7 @@ class Communicator:
                                          "the sampling seed"))
 
     def barrier(self, what: str = "a barrier") -> None:
-        dist = _dist()
+        dist = self._ops()
         self._run("barrier", what, lambda: dist.barrier(group=self.group))
 
 
