@@ -94,6 +94,7 @@ class WeightFiles:
         self._metadata: dict[Path, dict] = {}
         self._open: dict[Path, object] = {}
         self._bin: dict[Path, dict] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self._discover()
 
     # -------------------------------------------------------------- discovery
@@ -184,16 +185,51 @@ class WeightFiles:
             raise _corrupt(path, exc) from exc
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes of a
-        safetensors file (safe_open's get_slice) or only those pages of a memory-mapped .bin."""
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes: a
+        safetensors file's rows through safe_open's get_slice (the pages of those rows), its columns
+        row by row with pread (so the rest of each row is never mapped into this process: a
+        column slice through the mmap would touch every page of the tensor); the pages of the slice
+        of a memory-mapped .bin."""
         path = self.name_to_file[name]
         try:
             if path in self._open:
+                if dim == 1 and len(self._shapes[name]) == 2:
+                    return self._pread_columns(path, name, start, stop)
                 view = self._open[path].get_slice(name)  # type: ignore[attr-defined]
                 return view[start:stop] if dim == 0 else view[:, start:stop]
             return self._bin[path][name].narrow(dim, start, stop - start).clone()
         except Exception as exc:  # noqa: BLE001
             raise _corrupt(path, exc) from exc
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(where the data starts, the JSON header) of a safetensors file."""
+        cached = self._headers.get(path)
+        if cached is None:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                cached = (8 + n, json.loads(f.read(n)))
+            self._headers[path] = cached
+        return cached
+
+    def _pread_columns(self, path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+        data_start, header = self._header(path)
+        info = header[name]
+        rows, cols = info["shape"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        out = torch.empty((rows, stop - start), dtype=dtype)
+        size = out.element_size()
+        width = (stop - start) * size
+        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        base = data_start + info["data_offsets"][0] + start * size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for r in range(rows):
+                chunk = buf[r * width:(r + 1) * width]
+                if os.preadv(fd, [chunk], base + r * cols * size) != width:
+                    raise OSError(f"short read of {name} row {r}")
+        finally:
+            os.close(fd)
+        return out
 
     def files(self) -> list[Path]:
         return sorted(set(self.name_to_file.values()))

@@ -170,3 +170,24 @@ def test_a_rank_that_hangs_fails_the_others_within_the_timeout(tmp_path):
     assert r0["error"] == "DistributedError", (r0, logs[0][-2000:])
     assert "timeout" in r0["message"] and "3 s" in r0["message"]
     assert r0["seconds"] < 30
+
+
+def test_peak_host_memory_per_rank_is_about_the_rank_share(tmp_path):
+    """Loading an 82 MB safetensors checkpoint: the peak resident memory a rank adds while loading
+    (VmRSS, sampled every 2 ms, file pages it maps included) is its quarter of the weights plus
+    the fixed overhead a single process pays too, not the whole model."""
+    import ckpt_writers as cw
+    hf = cw.hf_glm_config(model_type="glm4", vocab_size=8192, hidden_size=512, num_attention_heads=8, head_dim=64,
+                          intermediate_size=1536, num_key_value_heads=2, num_hidden_layers=4)
+    ckpt = cw.write_hf_checkpoint(tmp_path / "ckpt", hf, cw.random_hf_glm_state_dict(hf), num_shards=2)
+    peaks = {}
+    for size in (1, 4):
+        (tmp_path / f"m{size}").mkdir()
+        peaks[size], _ = launch(size, tmp_path / f"m{size}", ["memory", str(ckpt)], JOB_TIMEOUT)
+    total = peaks[1][0]["weight_bytes"]
+    single_overhead = peaks[1][0]["peak_bytes"] - total
+    for rank, got in peaks[4].items():
+        assert abs(got["weight_bytes"] - total / 4) < 0.05 * total
+        overhead = got["peak_bytes"] - got["weight_bytes"]
+        assert overhead <= max(single_overhead, 0) + 0.1 * total, (rank, got, single_overhead)
+        assert got["peak_bytes"] < 0.6 * peaks[1][0]["peak_bytes"], (rank, got, peaks[1][0])

@@ -52,6 +52,48 @@ def job_hang(size: int) -> dict:
     return {"error": None, "seconds": time.monotonic() - t0}
 
 
+RSS_FIELD = os.environ.get("TP_RSS_FIELD", "VmRSS:")
+
+
+def _rss_anon() -> int:
+    """This process's resident anonymous memory in bytes (not the page cache of mmapped files)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(RSS_FIELD):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def job_memory(size: int, path: str) -> dict:
+    """Peak anonymous memory while loading ``path`` as this rank, sampled every 2 ms, above what
+    the process held before (torch and glmrt imported, the process group started)."""
+    import threading
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    # What the first load imports (torch's meta-tensor registrations, ~70 MB of modules, used to
+    # check the checkpoint's shapes) is a fixed cost, not weights: import it before the baseline.
+    from glmrt.api import prepare
+    prepare(path, dtype="float32", tensor_parallel=(size, dist.get_rank()), progress=False, materialize=False)
+    torch.cat([torch.empty((2, 2), device="meta")] * 2).reshape(4, 2).transpose(0, 1).reshape(8)
+    base = _rss_anon()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.002)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    model = glmrt.load(path, backend="cpu", dtype="float32", tensor_parallel=size, progress=False,
+                       distributed_timeout=60)
+    done.set()
+    t.join()
+    peak[0] = max(peak[0], _rss_anon())
+    return {"peak_bytes": peak[0] - base, "weight_bytes": model.weight_bytes()}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     out_dir, job = sys.argv[1], sys.argv[2]
@@ -63,6 +105,8 @@ def main() -> None:
         names = [a for a in args if "=" not in a and a not in dirs]
         quant = [a for a in args if "=" in a and a not in dirs]
         result = job_cases(size, names, quant, dirs)
+    elif job == "memory":
+        result = job_memory(size, sys.argv[3])
     elif job == "hang":
         result = job_hang(size)
     else:
