@@ -110,7 +110,8 @@ def summarize(directory: Path) -> None:
     (directory / "results.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# Tensor-parallel decode on the CPU over gloo: {next(iter(parts.values()))['model']}, "
              f"{next(iter(parts.values()))['layers']} layers", "",
-             f"Commit {doc['software'].get('commit')}, torch {doc['software']['torch']}, CPU "
+             f"Commit {doc['software'].get('commit')}"
+             f"{' (with uncommitted changes)' if doc['software'].get('dirty') else ''}, torch {doc['software']['torch']}, CPU "
              f"{doc['hardware']['cpu'].get('model', doc['hardware']['cpu'])}. Command: `{doc['command']}`.", "",
              "| run | ranks x threads | decode tokens/s (median) | best | step ms | collectives ms/step (rank 0) "
              "| comm share | load avg before / after |", "|---|---|---|---|---|---|---|---|"]

@@ -84,8 +84,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
+        tp = (f", tensor_parallel={self.tensor_parallel[0]} (rank {self.tensor_parallel[1]})"
+              if self.tensor_parallel else "")
         return (f"Model({self.source!r}, generation={c.generation}, layers={c.num_layers}, hidden={c.hidden_size}, "
-                f"dtype={dtype_name(self.dtype)}, backend={self.backend.name})")
+                f"dtype={dtype_name(self.dtype)}, backend={self.backend.name}{tp})")
 
     # ------------------------------------------------------------------ inputs
     def _as_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,6 +423,7 @@ class Model:
     def info(self) -> dict:
         return {"source": self.source, "config": self.config.to_dict(), "dtype": dtype_name(self.dtype),
                 "backend": self.backend.name, "device": str(self.device), "weight_bytes": self.weight_bytes(),
+                "tensor_parallel": list(self.tensor_parallel) if self.tensor_parallel else None,
                 "plan": self.plan.summary()}
 
 

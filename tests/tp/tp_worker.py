@@ -105,6 +105,11 @@ def main() -> None:
         names = [a for a in args if "=" not in a and a not in dirs]
         quant = [a for a in args if "=" in a and a not in dirs]
         result = job_cases(size, names, quant, dirs)
+    elif job == "half":  # half PATH DTYPE IDS: the reference kernels' logits of one prompt
+        path, dtype, ids = sys.argv[3], sys.argv[4], [int(i) for i in sys.argv[5].split(",")]
+        model = glmrt.load(path, backend="cpu", dtype=dtype, tensor_parallel=size, progress=False,
+                           kernels="reference", token_ids=tp_cases.SAT_SPECIAL, distributed_timeout=60)
+        result = {"logits": model.logits(torch.tensor([ids]))}
     elif job == "memory":
         result = job_memory(size, sys.argv[3])
     elif job == "hang":
