@@ -185,18 +185,15 @@ class WeightFiles:
             raise _corrupt(path, exc) from exc
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes: a
-        safetensors file's rows through safe_open's get_slice (the pages of those rows), its columns
-        row by row with pread (so the rest of each row is never mapped into this process: a
-        column slice through the mmap would touch every page of the tensor); the pages of the slice
-        of a memory-mapped .bin."""
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes:
+        from a safetensors file with pread (rows: one read; columns: one read per row), never
+        through the file's memory map, whose pages would stay resident in this process (a column
+        slice through the map touches every page of the tensor); from a memory-mapped .bin, the
+        pages of the slice."""
         path = self.name_to_file[name]
         try:
             if path in self._open:
-                if dim == 1 and len(self._shapes[name]) == 2:
-                    return self._pread_columns(path, name, start, stop)
-                view = self._open[path].get_slice(name)  # type: ignore[attr-defined]
-                return view[start:stop] if dim == 0 else view[:, start:stop]
+                return self._pread_slice(path, name, dim, start, stop)
             return self._bin[path][name].narrow(dim, start, stop - start).clone()
         except Exception as exc:  # noqa: BLE001
             raise _corrupt(path, exc) from exc
@@ -211,22 +208,36 @@ class WeightFiles:
             self._headers[path] = cached
         return cached
 
-    def _pread_columns(self, path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    def _pread_slice(self, path: Path, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         data_start, header = self._header(path)
         info = header[name]
-        rows, cols = info["shape"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        out = torch.empty((rows, stop - start), dtype=dtype)
+        shape = [int(d) for d in info["shape"]]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None or dim not in (0, 1) or (dim == 1 and len(shape) != 2):
+            view = self._open[path].get_slice(name)  # type: ignore[attr-defined]
+            return (view[start:stop] if dim == 0 else view[:, start:stop]).clone()
+        out_shape = list(shape)
+        out_shape[dim] = stop - start
+        out = torch.empty(out_shape, dtype=dtype)
         size = out.element_size()
-        width = (stop - start) * size
-        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        base = data_start + info["data_offsets"][0] + start * size
+        row = size
+        for d in shape[1:]:
+            row *= d
+        base = data_start + int(info["data_offsets"][0])
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else None
+        if buf is None:
+            return out
         fd = os.open(path, os.O_RDONLY)
         try:
-            for r in range(rows):
-                chunk = buf[r * width:(r + 1) * width]
-                if os.preadv(fd, [chunk], base + r * cols * size) != width:
-                    raise OSError(f"short read of {name} row {r}")
+            if dim == 0:  # contiguous rows
+                want = (stop - start) * row
+                if os.preadv(fd, [buf], base + start * row) != want:
+                    raise EOFError(f"{name} ends beyond the end of the file")
+            else:
+                width = (stop - start) * size
+                for r in range(shape[0]):
+                    if os.preadv(fd, [buf[r * width:(r + 1) * width]], base + r * row + start * size) != width:
+                        raise EOFError(f"{name} row {r} ends beyond the end of the file")
         finally:
             os.close(fd)
         return out

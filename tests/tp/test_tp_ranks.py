@@ -175,7 +175,8 @@ def test_a_rank_that_hangs_fails_the_others_within_the_timeout(tmp_path):
 def test_peak_host_memory_per_rank_is_about_the_rank_share(tmp_path):
     """Loading an 82 MB safetensors checkpoint: the peak resident memory a rank adds while loading
     (VmRSS, sampled every 2 ms, file pages it maps included) is its quarter of the weights plus
-    the fixed overhead a single process pays too, not the whole model."""
+    the small overhead one process pays too (measured: 28 MB at tp 4 for 21 MB of weights, 91 MB
+    at tp 1 for 82 MB), not the whole model."""
     import ckpt_writers as cw
     hf = cw.hf_glm_config(model_type="glm4", vocab_size=8192, hidden_size=512, num_attention_heads=8, head_dim=64,
                           intermediate_size=1536, num_key_value_heads=2, num_hidden_layers=4)
@@ -189,5 +190,5 @@ def test_peak_host_memory_per_rank_is_about_the_rank_share(tmp_path):
     for rank, got in peaks[4].items():
         assert abs(got["weight_bytes"] - total / 4) < 0.05 * total
         overhead = got["peak_bytes"] - got["weight_bytes"]
-        assert overhead <= max(single_overhead, 0) + 0.1 * total, (rank, got, single_overhead)
-        assert got["peak_bytes"] < 0.6 * peaks[1][0]["peak_bytes"], (rank, got, peaks[1][0])
+        assert overhead <= max(single_overhead, 0) + 0.05 * total, (rank, got, single_overhead)
+        assert got["peak_bytes"] < 0.4 * peaks[1][0]["peak_bytes"], (rank, got, peaks[1][0])
