@@ -41,6 +41,14 @@ def ckpts(tmp_path_factory):
     thudm = cw.thudm_config_from_hf(glm, rope_ratio=1.0)
     out["chatglm2-thudm"] = ("glm", cw.write_hf_checkpoint(tmp_path_factory.mktemp("thudm"), thudm,
                                                            cw.hf_to_thudm(sd, glm)))
+    # ChatGLM-6B (per-head interleaved qkv) with 8 heads, as safetensors (read with pread) and .bin
+    import test_chatglm6b_parity as c6
+    c6_sd, c6_cfg = c6.make_state_dict(), dict(c6.CONFIG, num_attention_heads=8)
+    d = tmp_path_factory.mktemp("c6st")
+    cw.write_config(d, c6_cfg)
+    cw.write_safetensors(d, c6_sd)
+    out["chatglm6b-safetensors"] = ("c6", d)
+    out["chatglm6b-bin"] = ("c6", c6.write_checkpoint(tmp_path_factory.mktemp("c6bin"), c6_sd, config=c6_cfg))
     return out
 
 
@@ -77,7 +85,8 @@ def single():
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("key", ["sat8", "sat1", "glm4-hf", "chatglm2-thudm"])
+@pytest.mark.parametrize("key", ["sat8", "sat1", "glm4-hf", "chatglm2-thudm", "chatglm6b-safetensors",
+                                 "chatglm6b-bin"])
 def test_checkpoints_read_as_rank_slices_give_the_single_process_logits(runs, ckpts, size, key):
     """GLM-130B's 8 SAT rank files taken as they are at tp 8, merged two or four at a time at tp 4
     and 2 (and the 1-rank checkpoint split), and safetensors read with get_slice, all give the

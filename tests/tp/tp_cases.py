@@ -55,9 +55,10 @@ def load_kwargs(name: str) -> dict:
 def prompts(name: str) -> tuple[list[list[int]], list[list[int]]]:
     """(input_ids, attention_mask) of a left-padded batch of two prompts for the case."""
     a, b = [5, 17, 42, 7, 99, 12, 250], [8, 3, 61]
-    if name in ("glm-130b", "chatglm-6b", "sat"):  # text + [gMASK] + <sop>
+    if name in ("glm-130b", "chatglm-6b", "sat", "c6"):  # text + [gMASK] + <sop>
+        # "sat", "c6": the tiny checkpoints of tests/models (vocabulary 200, [gMASK] 191, <sop> 194)
         gmask, sop = {"glm-130b": (SPECIAL["gmask"], SPECIAL["sop"]), "chatglm-6b": (291, 294),
-                      "sat": (SAT_SPECIAL["gmask"], SAT_SPECIAL["sop"])}[name]
+                      "sat": (SAT_SPECIAL["gmask"], SAT_SPECIAL["sop"]), "c6": (191, 194)}[name]
         a = [t % 180 for t in a]
         a, b = a + [gmask, sop], b + [gmask, sop]
     pad = len(a) - len(b)

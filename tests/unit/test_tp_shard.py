@@ -150,3 +150,48 @@ def test_a_missing_process_group_or_a_wrong_world_size_is_a_clear_error(monkeypa
         init_tensor_parallel(4, "gloo", "cpu")
     with pytest.raises(DistributedError, match=r"declares no collective backend"):
         init_tensor_parallel(2, None, "onnxruntime")
+
+
+def _tiny_checkpoints(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+    import ckpt_writers as cw
+    import test_chatglm6b_parity as c6
+    hf = cw.hf_glm_config(model_type="glm4", vocab_size=256, num_attention_heads=8, head_dim=8,
+                          intermediate_size=128, num_key_value_heads=2)
+    sd = cw.random_hf_glm_state_dict(hf)
+    glm = dict(hf, model_type="glm", architectures=["GlmForCausalLM"], rope_theta=10000.0)
+    dirs = {"glm4": cw.write_hf_checkpoint(tmp_path / "glm4", hf, sd, num_shards=2),
+            "thudm": cw.write_hf_checkpoint(tmp_path / "thudm", cw.thudm_config_from_hf(glm, rope_ratio=1.0),
+                                            cw.hf_to_thudm(cw.random_hf_glm_state_dict(glm), glm))}
+    c6_cfg = dict(c6.CONFIG, num_attention_heads=8)
+    cw.write_config(tmp_path / "c6st", c6_cfg)
+    cw.write_safetensors(tmp_path / "c6st", c6.make_state_dict())
+    dirs["c6-safetensors"] = tmp_path / "c6st"
+    dirs["c6-bin"] = c6.write_checkpoint(tmp_path / "c6bin", c6.make_state_dict(), config=c6_cfg)
+    return dirs
+
+
+def test_a_rank_reads_only_its_slices_of_the_split_tensors(tmp_path, monkeypatch):
+    """Every tensor the shard pass splits is read as a slice (WeightFiles.get is never asked for
+    it), whatever the stored layout: separate q / k / v, blocked [Q|K|V], per-head interleaved;
+    and the slices equal the whole load's shards."""
+    from glmrt import checkpoint
+    from glmrt.api import prepare
+    dirs = _tiny_checkpoints(tmp_path)
+    full = {k: prepare(str(d), dtype="float32", progress=False) for k, d in dirs.items()}
+    real_get = checkpoint.WeightFiles.get
+    split = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "query_key_value.weight",
+             "query_key_value.bias", "dense.weight", "dense_h_to_4h", "dense_4h_to_h.weight", "embed",
+             "lm_head", "output_layer", "word_embeddings")
+
+    def get(self, name):
+        assert not any(s in name for s in split), f"{name} was read whole"
+        return real_get(self, name)
+
+    monkeypatch.setattr(checkpoint.WeightFiles, "get", get)
+    for key, d in dirs.items():
+        for rank in range(4):
+            prep = prepare(str(d), dtype="float32", progress=False, tensor_parallel=(4, rank))
+            want = shard_weights(full[key].graph, full[key].weights, 4, rank)
+            for name, t in want.items():
+                assert torch.equal(prep.weights[name], t), (key, rank, name)
