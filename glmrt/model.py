@@ -290,7 +290,13 @@ class Model:
     def _decode_mode(self) -> str:
         mode = self.decode_mode
         if mode == "auto":
-            mode = "graph" if self.device.type == "cuda" and self.backend.capabilities().graph_capture else "eager"
+            # Not under tensor parallelism: the collectives would have to be captured too, which
+            # gloo cannot and nccl only with care that has not been tried here.
+            mode = ("graph" if self.device.type == "cuda" and self.backend.capabilities().graph_capture
+                    and self.comm is None else "eager")
+        if mode == "graph" and self.comm is not None:
+            raise InputError("decode_mode='graph' is not available under tensor parallelism (the step's collectives "
+                             "are not captured): use decode_mode='eager' or 'static'")
         if mode not in ("eager", "static", "graph"):
             raise InputError(f"decode_mode must be auto, eager, static or graph, not {mode!r}")
         return mode
