@@ -98,7 +98,7 @@ def _collective(backend: Backend, node: Node) -> tuple[Callable, str, str, str]:
     if transport is None:
         raise ConfigError(f"backend {backend.name!r} declares no collective backend, so it cannot run a "
                           "tensor-parallel graph: load with tensor_parallel=None (one process)")
-    return (ops.REFERENCE[node.op], f"torch.distributed.{node.op}", VENDOR,
+    return (ops.COLLECTIVES[node.op], f"torch.distributed.{node.op}", VENDOR,
             f"the process group's {node.op} over {transport} (the backend's collective_backend)")
 
 

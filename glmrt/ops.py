@@ -354,6 +354,11 @@ REFERENCE: dict[str, KernelFn] = {
     "residual": residual,
     "residual_norm": residual_norm,
     "lm_head": lm_head,
+}
+
+# The tensor-parallel collectives (glmrt.shard): not kernels a backend offers, but the process
+# group's operations (lowering binds them for every backend that declares a collective_backend).
+COLLECTIVES: dict[str, KernelFn] = {
     "all_reduce": all_reduce,
     "all_gather": all_gather,
 }
