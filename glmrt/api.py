@@ -23,6 +23,7 @@ from .models.common import WeightMap
 from .progress import Progress
 from .quant import (FORMAT_KEY, QuantizeOnLoad, QuantSpec, layout_from_entry, parse_format, quantizable_linears,
                     quantize_graph, quantize_graph_layout)
+from .shard import check_quantization, param_shards, shard_graph, shard_weights, tp_layout
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 1234
@@ -48,15 +49,20 @@ def _cut_layers(cfg: GLMConfig, layers: int | None) -> GLMConfig:
 SYNTHETIC_BLOCK = 1 << 26
 
 
-def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None, place=None) -> dict[str, torch.Tensor]:
+def synthetic_weights(graph: Graph, seed: int = SYNTHETIC_SEED, progress=None, place=None,
+                      shards: dict | None = None) -> dict[str, torch.Tensor]:
     """Random weights with a fixed seed: N(0, 0.02) matrices, norm weights near 1, small biases.
-    Deterministic for a given graph, whatever the backend. ``place(name, tensor)`` -> {name: tensor}
-    takes each tensor as it is generated (as in checkpoint.load_weights: quantize on load)."""
+    Deterministic for a given graph, whatever the backend. ``shards`` (glmrt.shard.param_shards):
+    keep only a tensor-parallel rank's part of each tensor, as soon as it is drawn. ``place(name,
+    tensor)`` -> {name: tensor} takes each tensor (or that part) as it is generated (as in
+    checkpoint.load_weights: quantize on load)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     items = list(graph.params.items())
     for i, (name, spec) in enumerate(items):
         t = _synthetic_tensor(spec, gen)
+        if shards is not None:
+            t = shards[name].take(t)
         if place is None:
             out[name] = t
         else:
@@ -107,7 +113,8 @@ class Prepared:
 
 def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None, layers: int | None = None,
          quantize: str | None = None, token_ids: dict | None = None, strict: bool = False,
-         kernels: str = "auto", progress: bool = True, fuse: bool = True) -> Model:
+         kernels: str = "auto", progress: bool = True, fuse: bool = True, tensor_parallel: int | None = None,
+         distributed_timeout: float = 300.0) -> Model:
     """Load a checkpoint directory or a synthetic preset and lower it onto a backend.
 
     path_or_preset: a directory with config.json and weights, "synthetic:<preset>" (real widths,
@@ -130,6 +137,13 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     fuse: apply the fusion passes (glmrt.fusion: residual + norm -> residual_norm) where the backend
         has a kernel for the fused node; the graph, and so the arithmetic, is the same whichever
         ``kernels`` is chosen. False keeps the graph as built (for comparisons and debugging).
+    tensor_parallel: N to run this process as one of N tensor-parallel ranks (glmrt.shard), inside a
+        process group of N processes: the one torchrun starts (`torchrun --nproc-per-node N ...`; glmrt
+        initialises it from torchrun's environment with the backend's collective transport if it is not
+        yet), or one the caller initialised. Every rank holds its slice of the weights and returns the
+        same full logits and tokens; every rank must make the same calls.
+    distributed_timeout: seconds a collective may wait for the other ranks (a rank that dies or hangs
+        turns into a glmrt error), when glmrt initialises the process group.
     """
     if kernels not in KERNEL_CHOICES:  # before any weight is read
         raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
@@ -142,12 +156,17 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
     if getattr(be, "export_format", None):  # a backend that runs exported graphs only (onnxruntime)
         raise BackendError(f"backend {be.name!r} runs {be.export_format} exports, and {path_or_preset} is not one: "
                            f"glmrt export {path_or_preset} --format onnx --out DIR, then glmrt.load(DIR)")
+    comm = None
+    if tensor_parallel is not None:
+        comm = _join_group(be, tensor_parallel, distributed_timeout)
+        progress = progress and comm.rank == 0
     device = be.device()
     prep = prepare(path_or_preset, dtypes=be.capabilities().dtypes, backend_name=be.name, dtype=dtype,
-                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress, device=device)
+                   layers=layers, quantize=quantize, token_ids=token_ids, progress=progress, device=device,
+                   tensor_parallel=None if comm is None else (comm.size, comm.rank))
     weights = {name: t.to(device) for name, t in prep.weights.items()}
     graph = _fuse(prep.graph, be, fuse)
-    plan = lower(graph, be, weights, strict=strict, kernels=kernels)
+    plan = lower(graph, be, weights, strict=strict, kernels=kernels, comm=comm)
     model = Model(prep.cfg, graph, plan, weights, prep.source)
     if prep.tokenizer is not None:
         model.tokenizer, model.chat_family = prep.tokenizer, prep.chat_family
@@ -165,6 +184,18 @@ def load(path_or_preset: str | os.PathLike, *, backend: str = "auto", dtype=None
             model._tokenizer_factory = functools.partial(synthetic_tokenizer, family)
             model.chat_family = family
     return model
+
+
+def _join_group(be, size, timeout_s):
+    """The communicator of this rank (glmrt.distributed); on a device backend each local rank
+    takes its own device (LOCAL_RANK, as torchrun numbers them)."""
+    from .distributed import init_tensor_parallel
+    comm = init_tensor_parallel(size, be.capabilities().collective_backend, be.name, timeout_s)
+    local = os.environ.get("LOCAL_RANK")
+    dev_mod = getattr(torch, be.device_type, None) if be.device_type not in ("cpu", "") else None
+    if local is not None and dev_mod is not None and hasattr(dev_mod, "set_device"):
+        dev_mod.set_device(int(local))
+    return comm
 
 
 def plan(path_or_preset: str | os.PathLike, *, backend: str, dtype=None, layers: int | None = None,
@@ -189,17 +220,25 @@ def _fuse(graph: Graph, backend, fuse: bool) -> Graph:
 
 def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str = "cpu", dtype=None,
             layers: int | None = None, quantize: str | None = None, token_ids: dict | None = None,
-            progress: bool = True, materialize: bool = True, device=None) -> Prepared:
+            progress: bool = True, materialize: bool = True, device=None,
+            tensor_parallel: tuple[int, int] | None = None) -> Prepared:
     """Read config and weights and apply the quantization pass, without lowering (glmrt.load and
     `glmrt quantize` share it). ``dtypes``: the dtypes the target backend runs (None: any).
     ``materialize=False``: the weights are meta tensors of the right shapes and dtypes (nothing is
     read or generated), for planning without loading. ``device``: where each weight goes once it
-    is read (and quantized); None leaves them on the CPU."""
+    is read (and quantized); None leaves them on the CPU. ``tensor_parallel=(size, rank)``: the
+    graph and weights of that rank (glmrt.shard): only the rank's slices are read, and quantized
+    (when asked) after sharding, slice by slice as they are read."""
     gguf_file = gguf_checkpoint.find_gguf(path_or_preset)
     if gguf_file is not None:  # a GGUF file, or a directory holding one (glmrt.gguf_checkpoint)
-        return gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
+        prep = gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
                                        layers=layers, quantize=quantize, token_ids=token_ids, progress=progress,
                                        materialize=materialize, device=device)
+        if tensor_parallel is not None:
+            full = prep.graph
+            prep.graph = shard_graph(full, *tensor_parallel)
+            prep.weights = shard_weights(full, prep.weights, *tensor_parallel)
+        return prep
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
     spec = str(path_or_preset)
@@ -233,6 +272,10 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
     glmrt_format = raw.get(FORMAT_KEY)
     generation, cfg = config_from_dict({k: v for k, v in raw.items() if k != FORMAT_KEY})
     cfg = _cut_layers(cfg, layers)
+    if tensor_parallel is not None:  # refuse a size that does not divide, before reading any weight
+        tp_layout(cfg, *tensor_parallel)
+        if quant_format is not None:
+            check_quantization(cfg, tensor_parallel[0], *quant_format)
     stored_layout, stored_dtype = (None, None)
     if glmrt_format is not None:
         stored_layout, stored_dtype = layout_from_entry(glmrt_format, f"{directory / 'config.json'}")
@@ -269,11 +312,17 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
 
     # Quantizing on load happens tensor by tensor as the weights are read or generated (place), so
     # the peak is the quantized model plus about one float linear, never the whole float model.
+    # Under tensor parallelism the rank reads its slices of the full parameters (param_shards of
+    # the full graph) and quantizes them with the rank's graph: quantization after sharding.
+    def rank_graph(g: Graph) -> Graph:
+        return g if tensor_parallel is None else shard_graph(g, *tensor_parallel)
+
     quantized = place = None
     if quant_format is not None and layout is None:
-        quantized = quantize_graph(graph, *quant_format)
+        local = rank_graph(graph)
+        quantized = quantize_graph(local, *quant_format)
         if materialize:
-            place = QuantizeOnLoad(graph, quantized, device)
+            place = QuantizeOnLoad(local, quantized, device)
     elif device is not None and materialize:
         place = _MoveTo(device)
     what = f"loading {source}"
@@ -286,7 +335,7 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
             if layout is not None:
                 graph = quantize_graph_layout(graph, layout)
             weights = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
-                       for name, p in (quantized or graph).params.items()}
+                       for name, p in (quantized or rank_graph(graph)).params.items()}
         elif layout is not None:
             float_graph = graph
             graph = quantize_graph_layout(graph, layout)
@@ -298,13 +347,17 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
                 wmap = generation.weight_map(cfg)
                 weight_of = {node.name: node.params["weight"] for node in float_graph.nodes if node.name in layout}
                 wmap.add_quant_scales(weight_of[n] for n in layout)
-            weights = _load(files, wmap, graph, raw, layers, bar, place)
+            weights = _load(files, wmap, graph, raw, layers, bar, place, _shards(graph, tensor_parallel))
+        elif files is not None and _sat_rank_files(files, cfg, tensor_parallel):
+            weights = _load_sat_rank(files, generation, cfg, graph, raw, layers, bar, tensor_parallel, place)
         elif files is not None:
-            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar, place)
+            weights = _load(files, generation.weight_map(cfg), graph, raw, layers, bar, place,
+                            _shards(graph, tensor_parallel))
         else:
-            weights = synthetic_weights(graph, progress=bar, place=place)
+            weights = synthetic_weights(graph, progress=bar, place=place, shards=_shards(graph, tensor_parallel))
     finally:
         bar.close()
+    graph = rank_graph(graph)  # this rank's graph (its weights were read as slices)
     if quantized is not None:
         graph = quantized
         if place is not None:
@@ -329,13 +382,39 @@ class _MoveTo:
         return {name: value.to(self.device)}
 
 
-def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar, place=None) -> dict[str, torch.Tensor]:
-    expected = {name: (p.shape, p.dtype) for name, p in graph.params.items()}
+def _shards(graph: Graph, tensor_parallel):
+    return None if tensor_parallel is None else param_shards(graph, *tensor_parallel)
+
+
+def _load(files, wmap, graph: Graph, raw: dict, layers: int | None, bar, place=None, shards=None,
+          expected=None) -> dict[str, torch.Tensor]:
+    expected = expected or {name: (p.shape, p.dtype) for name, p in graph.params.items()}
     if layers is not None:  # a depth-cut load drops the checkpoint's deeper layers on purpose
         wmap.ignore = wmap.ignore + tuple(
             rf".*layers\.{i}\..*" for i in range(layers, int(raw.get("num_layers") or
                                                               raw.get("num_hidden_layers") or layers)))
-    return checkpoint.load_weights(files, wmap, expected, progress=bar, place=place)
+    return checkpoint.load_weights(files, wmap, expected, progress=bar, place=place, shards=shards)
+
+
+def _sat_rank_files(files, cfg: GLMConfig, tensor_parallel) -> bool:
+    """A float GLM-130B SAT checkpoint whose rank files split evenly over the tensor-parallel ranks:
+    each rank reads its own files only (glm130b.SATShards.select_ranks)."""
+    if tensor_parallel is None or not isinstance(files, glm130b.SATShards):
+        return False
+    if cfg.vocab_size % tensor_parallel[0]:
+        return False
+    return files.select_ranks(*tensor_parallel)
+
+
+def _load_sat_rank(files, generation, cfg: GLMConfig, graph: Graph, raw: dict, layers, bar, tensor_parallel,
+                   place=None):
+    """The rank's weights from its SAT rank files: their merged view is the model of the rank's
+    heads, MLP columns and vocabulary rows, so it reads with the name map of that smaller model."""
+    lay = tp_layout(cfg, *tensor_parallel)
+    local_cfg = cfg.replace(num_heads=lay.heads, num_kv_heads=lay.heads, ffn_hidden_size=lay.ffn, vocab_size=lay.vocab)
+    local = shard_graph(graph, *tensor_parallel)
+    expected = {name: (p.shape, p.dtype) for name, p in local.params.items()}
+    return _load(files, generation.weight_map(local_cfg), graph, raw, layers, bar, place, expected=expected)
 
 
 def _release_layout(generation, graph: Graph, files, bits: int, directory) -> dict[str, QuantSpec]:

@@ -150,6 +150,7 @@ class WeightFiles:
         self._bin: dict[Path, dict] = {}
         self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         self._mapped: set[Path] = set()  # .bin files torch.load memory-mapped
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self._discover()
 
     # -------------------------------------------------------------- discovery
@@ -268,18 +269,120 @@ class WeightFiles:
             return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
         return out.view(dtype).reshape(shape)
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes:
+        from a safetensors file with pread (rows: one read; columns: one read per row), never
+        through the file's memory map, whose pages would stay resident in this process (a column
+        slice through the map touches every page of the tensor); from a memory-mapped .bin, the
+        pages of the slice."""
+        path = self.name_to_file[name]
+        try:
+            if path in self._open:
+                return self._pread_slice(path, name, dim, start, stop)
+            return self._bin[path][name].narrow(dim, start, stop - start).clone()
+        except Exception as exc:  # noqa: BLE001
+            raise _corrupt(path, exc) from exc
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(where the data starts, the JSON header) of a safetensors file."""
+        cached = self._headers.get(path)
+        if cached is None:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                cached = (8 + n, json.loads(f.read(n)))
+            self._headers[path] = cached
+        return cached
+
+    def _pread_slice(self, path: Path, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        data_start, header = self._header(path)
+        info = header[name]
+        shape = [int(d) for d in info["shape"]]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None or dim not in (0, 1) or (dim == 1 and len(shape) != 2):
+            view = self._open[path].get_slice(name)  # type: ignore[attr-defined]
+            return (view[start:stop] if dim == 0 else view[:, start:stop]).clone()
+        out_shape = list(shape)
+        out_shape[dim] = stop - start
+        out = torch.empty(out_shape, dtype=dtype)
+        size = out.element_size()
+        row = size
+        for d in shape[1:]:
+            row *= d
+        base = data_start + int(info["data_offsets"][0])
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else None
+        if buf is None:
+            return out
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if dim == 0:  # contiguous rows
+                want = (stop - start) * row
+                if os.preadv(fd, [buf], base + start * row) != want:
+                    raise EOFError(f"{name} ends beyond the end of the file")
+            else:
+                width = (stop - start) * size
+                for r in range(shape[0]):
+                    if os.preadv(fd, [buf[r * width:(r + 1) * width]], base + r * row + start * size) != width:
+                        raise EOFError(f"{name} row {r} ends beyond the end of the file")
+        finally:
+            os.close(fd)
+        return out
+
     def files(self) -> list[Path]:
         return sorted(set(self.name_to_file.values()))
 
 
+def _read_shard(files, source, shard, full_shape):
+    from .models.chatglm6b import DeinterleaveQKV
+    from .models.common import concat_rows
+    sliceable = hasattr(files, "get_slice")
+    dim, ranges = shard.dim, shard.ranges
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if not shard.pad:
+            return t
+        shape = list(t.shape)
+        shape[dim] = shard.pad
+        return torch.cat((t, torch.zeros(shape, dtype=t.dtype)), dim=dim)
+
+    if sliceable and len(source.names) == 1 and source.combine is None:
+        name = source.names[0]
+        parts = [files.get_slice(name, dim, a, b) for a, b in ranges if b > a]
+        return pad(torch.cat(parts, dim=dim) if len(parts) != 1 else parts[0])
+    if sliceable and dim == 0 and source.combine is concat_rows:
+        offsets, at = [], 0
+        for name in source.names:
+            rows = files.shape(name)[0]
+            offsets.append((name, at, at + rows))
+            at += rows
+        parts = []
+        for a, b in ranges:
+            for name, lo, hi in offsets:
+                s, e = max(a, lo), min(b, hi)
+                if e > s:
+                    parts.append(files.get_slice(name, 0, s - lo, e - lo))
+        return pad(torch.cat(parts, dim=0))
+    if sliceable and dim == 0 and isinstance(source.combine, DeinterleaveQKV) and len(ranges) == 3 and not shard.pad:
+        nh, hd = source.combine.num_heads, source.combine.head_dim
+        (q0, q1), (k0, k1), (v0, v1) = ranges
+        h0, h1 = q0 // hd, q1 // hd
+        if (q0 % hd == 0 and q1 % hd == 0 and (k0, k1) == (nh * hd + q0, nh * hd + q1)
+                and (v0, v1) == (2 * nh * hd + q0, 2 * nh * hd + q1)):
+            rows = files.get_slice(source.names[0], 0, 3 * hd * h0, 3 * hd * h1)
+            return DeinterleaveQKV(h1 - h0, hd)([rows])
+    return shard.take(source.build([files.get(n) for n in source.names]))
+
+
 def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 progress=None, place=None) -> dict[str, torch.Tensor]:
+                 progress=None, place=None, shards: dict | None = None) -> dict[str, torch.Tensor]:
     """Fill every expected canonical parameter from the checkpoint.
 
     ``expected``: canonical name -> (shape, dtype). All names and shapes are checked before any
-    tensor is read, and one error lists every problem. ``place(name, tensor)`` -> {name: tensor}
-    takes each tensor as soon as it is read and converted (glmrt.quant.QuantizeOnLoad quantizes it
-    there, so the float model is never whole in memory); None keeps it as it is."""
+    tensor is read, and one error lists every problem. ``shards`` (canonical name ->
+    glmrt.shard.ParamShard): read only a tensor-parallel rank's part of each parameter (the
+    shapes checked are still the whole model's). ``place(name, tensor)`` -> {name: tensor} takes
+    each tensor (or the rank's part of it) as soon as it is read and converted
+    (glmrt.quant.QuantizeOnLoad quantizes it there, so the float model is never whole in memory);
+    None keeps it as it is."""
     available = files.names()
     problems: list[str] = []
     missing_params = sorted(set(expected) - set(weight_map.sources))
@@ -336,8 +439,14 @@ def load_weights(files: WeightFiles, weight_map, expected: dict[str, tuple[tuple
     out: dict[str, torch.Tensor] = {}
     items = [(c, s) for c, s in weight_map.sources.items() if c in expected]
     for i, (canonical, source) in enumerate(items):
-        tensors = [files.get(n) for n in source.names]
-        value = source.build(tensors).to(expected[canonical][1]).contiguous()
+        shard = shards.get(canonical) if shards else None
+        if shard is not None and shard.dim is not None:
+            value = _read_shard(files, source, shard, expected[canonical][0])
+            tensors = [value]
+        else:
+            tensors = [files.get(n) for n in source.names]
+            value = source.build(tensors)
+        value = value.to(expected[canonical][1]).contiguous()
         if value.is_floating_point() and value.numel():
             _check_finite(value, source.names, tensors, files.directory)
         if place is None:

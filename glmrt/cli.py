@@ -78,6 +78,9 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="auto: the backend's best kernel per node; reference: every node on the torch "
                         "reference (default: auto)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="run as one of N tensor-parallel ranks, under `torchrun --nproc-per-node N -m glmrt ...` "
+                        "(rank 0 prints)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -311,7 +314,22 @@ def _load_for(args, needs_text: str | None = None):
                          "checkpoint directory that ships its tokenizer files (or a synthetic preset)"
                          + (", or pass --prompt-ids" if needs_text == "--prompt" else ""))
     return load(args.model, backend=args.backend, dtype=args.dtype, layers=args.layers, strict=args.strict,
-                quantize=args.quantize, kernels=args.kernels)
+                quantize=args.quantize, kernels=args.kernels, tensor_parallel=args.tensor_parallel)
+
+
+def _tensor_parallel_rank(args) -> int:
+    """This process's rank when the command runs tensor-parallel (0 otherwise). Launched by torchrun
+    with several processes, a command must say --tensor-parallel with the same number."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    tp = getattr(args, "tensor_parallel", None)
+    if tp is None:
+        if world > 1 and hasattr(args, "tensor_parallel"):
+            raise GLMRTError(f"torchrun started {world} processes but --tensor-parallel is not given: pass "
+                             f"--tensor-parallel {world} (each process would otherwise load the whole model)")
+        return 0
+    if tp < 1:
+        raise GLMRTError(f"--tensor-parallel must be a positive integer, got {tp}")
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
@@ -377,6 +395,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_chat(args) -> int:
+    if args.tensor_parallel is not None:
+        raise GLMRTError("glmrt chat --tensor-parallel is not available: the interactive prompt would have to be sent "
+                         "from rank 0 to every rank; use `glmrt run --tensor-parallel N --prompt ...` under torchrun, "
+                         "or Model.chat() in a script that every rank runs")
     model = _load_for(args, needs_text="glmrt chat")
     model._require_tokenizer()
     gen_kwargs = {k: getattr(args, k) for k in _GENERATION_FLAGS}
@@ -450,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                 "memory": _cmd_memory}
     try:
         handler = getattr(args, "handler", None) or handlers[args.command]
+        if _tensor_parallel_rank(args) != 0:  # every rank runs the command; rank 0 alone prints
+            sys.stdout = open(os.devnull, "w")
         return handler(args)
     except GLMRTError as exc:
         print(f"glmrt: error: {exc}", file=sys.stderr)

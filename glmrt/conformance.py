@@ -199,11 +199,13 @@ def _node_key(node: Node) -> tuple:
 
 
 FUSED_SUFFIX = " fused"
+TP_SUFFIX = " tp-rank-1-of-2"
 
 
 def build_cases(dtypes, quant_formats=QUANT_FORMATS) -> list[Case]:
     """The sweep: every distinct node of every tiny config, in each dtype, float and quantized."""
     from .api import synthetic_weights
+    from .shard import shard_graph, shard_weights
     cases = []
     for cname, cfg in tiny_configs().items():
         for dtype in dtypes:
@@ -215,12 +217,20 @@ def build_cases(dtypes, quant_formats=QUANT_FORMATS) -> list[Case]:
                 variants.append((f" int{bits}{f'-g{group}' if group else ''}", qgraph,
                                  quantize_weights(graph, qgraph, weights)))
             variants.append((FUSED_SUFFIX, fuse_residual_norm(graph), weights))
+            # Rank 1 of 2 (glmrt.shard): its vocab-parallel embedding and LM head, which depend on the
+            # vocabulary and hidden size only (the heads and MLP width are set so that 2 divides them).
+            tp_graph = build_graph(cfg.replace(num_heads=2, num_kv_heads=2, ffn_hidden_size=2), dtype)
+            tp_weights = synthetic_weights(tp_graph, seed=_seed(cname, str(dtype), "tp"))
+            variants.append((TP_SUFFIX, shard_graph(tp_graph, 2, 1), shard_weights(tp_graph, tp_weights, 2, 1)))
             seen = set()
             for suffix, g, w in variants:
                 for node in g.nodes:
                     if suffix == FUSED_SUFFIX:
                         if node.op != RESIDUAL_NORM:
                             continue  # the fused variant contributes its fused nodes only
+                    elif suffix == TP_SUFFIX:
+                        if node.op not in ("embedding", "lm_head"):
+                            continue  # collectives run on the process group, not on a backend's kernels
                     elif suffix and "quant" not in node.attrs:
                         continue  # quantized variants contribute their quantized linears only
                     key = _node_key(node)

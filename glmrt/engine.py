@@ -125,7 +125,7 @@ class Engine:
         self.device = model.device
         self.decode_plan = per_row_plan(model.plan)
         # One scratch row past the B slots: swapping two slots goes through it.
-        self.cache = KVCache(cfg.num_layers, max_batch + 1, cfg.num_kv_heads, max_len, cfg.head_dim, model.dtype,
+        self.cache = KVCache(cfg.num_layers, max_batch + 1, model.kv_heads, max_len, cfg.head_dim, model.dtype,
                              model.device)
         self._slots: list[Request | None] = [None] * max_batch
         self._n_decode = 0  # slots [0, n_decode) are decoding
@@ -469,4 +469,5 @@ def per_row_plan(plan: Plan) -> Plan:
     for step in plan.steps:
         for role, pname in step.node.params.items():
             weights[pname] = step.params[role]
-    return lower(graph.replace_nodes(nodes), plan.backend, weights, strict=plan.strict, kernels=plan.kernels)
+    return lower(graph.replace_nodes(nodes), plan.backend, weights, strict=plan.strict, kernels=plan.kernels,
+                 comm=plan.comm)

@@ -24,7 +24,9 @@ from .config import GLMConfig
 # Every op the graph uses; each has a plain-torch reference in glmrt.ops.
 OPS = ("embedding", "norm", "linear", "rope", "attention", "activation", "residual", "lm_head",
        # Made by a pass, never by build_graph: residual then norm in one node (glmrt.fusion).
-       "residual_norm")
+       "residual_norm",
+       # Made by the shard pass (glmrt.shard): the tensor-parallel collectives.
+       "all_reduce", "all_gather")
 
 Shape = tuple  # of int | str ("B", "T")
 
@@ -69,6 +71,9 @@ class Graph:
     params: dict[str, ParamSpec]
     inputs: list[str]
     output: str
+    # (size, rank) once the shard pass (glmrt.shard) has made this the graph of one tensor-parallel
+    # rank; None for the whole model.
+    tensor_parallel: tuple[int, int] | None = None
 
     def replace_nodes(self, nodes: list[Node], params: dict[str, ParamSpec] | None = None) -> "Graph":
         return dataclasses.replace(self, nodes=nodes, params=dict(self.params if params is None else params))

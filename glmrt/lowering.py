@@ -16,7 +16,8 @@ from . import ops
 from .errors import ConfigError, StrictFallbackError
 from .graph import Graph, Node
 
-from .backends.base import KIND_RANK, REFERENCE, Backend
+from .backends.base import KIND_RANK, REFERENCE, VENDOR, Backend
+from .shard import COLLECTIVE_OPS
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Plan:
     # sets session(ctx, input_ids) -> logits; execute() then calls it instead of the steps, which
     # only describe where each node runs.
     session: Callable | None = None
+    # The tensor-parallel communicator of a sharded graph (glmrt.distributed), handed to the
+    # collective nodes through the ForwardContext; None for a single-process model.
+    comm: object = None
 
     @property
     def device(self) -> torch.device:
@@ -87,8 +91,19 @@ def choose_kernel(backend: Backend, node: Node) -> tuple[Callable, str, str, str
 KERNEL_CHOICES = ("auto", "reference")
 
 
+def _collective(backend: Backend, node: Node) -> tuple[Callable, str, str, str]:
+    """A collective node (glmrt.shard) runs on the process group, whose transport is the backend's
+    collective_backend (gloo, nccl, hccl): torch.distributed, not a kernel of the backend's."""
+    transport = backend.capabilities().collective_backend
+    if transport is None:
+        raise ConfigError(f"backend {backend.name!r} declares no collective backend, so it cannot run a "
+                          "tensor-parallel graph: load with tensor_parallel=None (one process)")
+    return (ops.COLLECTIVES[node.op], f"torch.distributed.{node.op}", VENDOR,
+            f"the process group's {node.op} over {transport} (the backend's collective_backend)")
+
+
 def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, strict: bool = False,
-          kernels: str = "auto") -> Plan:
+          kernels: str = "auto", comm=None) -> Plan:
     """Choose a kernel for every node and bind the (already placed) weights each node reads.
 
     kernels: "auto" (the backend's best kernel per node, native > vendor > reference) or
@@ -102,7 +117,9 @@ def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, s
                           "use one or the other")
     steps = []
     for node in graph.nodes:
-        if kernels == "reference":
+        if node.op in COLLECTIVE_OPS:
+            fn, name, kind, reason = _collective(backend, node)
+        elif kernels == "reference":
             fn, name, kind, reason = (ops.REFERENCE[node.op], f"reference.{node.op}", REFERENCE,
                                       "kernels='reference' was requested")
         else:
@@ -128,13 +145,15 @@ def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, s
             frees.setdefault(i, []).append(name)
     for i, s in enumerate(steps):
         s.free_after = tuple(frees.get(i, ()))
-    return Plan(backend=backend, graph=graph, steps=steps, kernels=kernels, strict=strict)
+    return Plan(backend=backend, graph=graph, steps=steps, kernels=kernels, strict=strict, comm=comm)
 
 
 def execute(plan: Plan, ctx: ops.ForwardContext, input_ids: torch.Tensor) -> torch.Tensor:
     """Run the plan for one step; returns the graph output (logits)."""
     if plan.session is not None:
         return plan.session(ctx, input_ids)
+    if plan.comm is not None and ctx.comm is None:
+        ctx.comm = plan.comm
     env: dict[str, object] = {"input_ids": input_ids}
     for step in plan.steps:
         node = step.node

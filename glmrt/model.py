@@ -42,6 +42,12 @@ class Model:
         self.backend = plan.backend
         self.device = plan.device
         self.dtype = graph.dtype
+        from .shard import local_kv_heads
+        self.kv_heads = local_kv_heads(graph)  # KV groups this process caches (its rank's under TP)
+        # Tensor parallelism (glmrt.shard, glmrt.distributed): (size, rank) and the communicator,
+        # or None / None for a single-process model.
+        self.tensor_parallel = graph.tensor_parallel
+        self.comm = plan.comm
         self._tokenizer = None  # set by load() when the checkpoint ships one
         # A synthetic preset's tokenizer is built on first use (glmrt.synthetic_tokenizer).
         self._tokenizer_factory = None
@@ -78,8 +84,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
+        tp = (f", tensor_parallel={self.tensor_parallel[0]} (rank {self.tensor_parallel[1]})"
+              if self.tensor_parallel else "")
         return (f"Model({self.source!r}, generation={c.generation}, layers={c.num_layers}, hidden={c.hidden_size}, "
-                f"dtype={dtype_name(self.dtype)}, backend={self.backend.name})")
+                f"dtype={dtype_name(self.dtype)}, backend={self.backend.name}{tp})")
 
     # ------------------------------------------------------------------ inputs
     def _as_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +216,9 @@ class Model:
         generated (text generation passes the tokenizer's vocabulary size: GLM-4's 151552
         outputs, for instance, end in 209 padded ids that no text has)."""
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        if self.comm is not None and do_sample and seed is None:
+            # Every rank must draw the same token: rank 0 picks the seed for all of them.
+            params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, self.comm.shared_seed())
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
@@ -279,7 +290,13 @@ class Model:
     def _decode_mode(self) -> str:
         mode = self.decode_mode
         if mode == "auto":
-            mode = "graph" if self.device.type == "cuda" and self.backend.capabilities().graph_capture else "eager"
+            # Not under tensor parallelism: the collectives would have to be captured too, which
+            # gloo cannot and nccl only with care that has not been tried here.
+            mode = ("graph" if self.device.type == "cuda" and self.backend.capabilities().graph_capture
+                    and self.comm is None else "eager")
+        if mode == "graph" and self.comm is not None:
+            raise InputError("decode_mode='graph' is not available under tensor parallelism (the step's collectives "
+                             "are not captured): use decode_mode='eager' or 'static'")
         if mode not in ("eager", "static", "graph"):
             raise InputError(f"decode_mode must be auto, eager, static or graph, not {mode!r}")
         return mode
@@ -412,6 +429,7 @@ class Model:
     def info(self) -> dict:
         return {"source": self.source, "config": self.config.to_dict(), "dtype": dtype_name(self.dtype),
                 "backend": self.backend.name, "device": str(self.device), "weight_bytes": self.weight_bytes(),
+                "tensor_parallel": list(self.tensor_parallel) if self.tensor_parallel else None,
                 "plan": self.plan.summary()}
 
 
@@ -511,7 +529,7 @@ class _Decoder:
         cfg = model.config
         self.model = model
         self.key = (self.mode, batch, total)
-        self.cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, total, cfg.head_dim, model.dtype, model.device)
+        self.cache = KVCache(cfg.num_layers, batch, model.kv_heads, total, cfg.head_dim, model.dtype, model.device)
         self.key_valid = torch.ones(batch, total, dtype=torch.bool, device=model.device)
 
     def step(self, token: torch.Tensor, positions: torch.Tensor, pos: int) -> torch.Tensor:

@@ -75,11 +75,22 @@ class ForwardContext:
     # decode: a request's tokens are the same whatever it is batched with). Kernels whose
     # arithmetic changes with the row count keep it per row (the CPU float GEMV in chunks of rows).
     row_invariant: bool = False
+    # The tensor-parallel communicator (glmrt.distributed.Communicator) the collective nodes of a
+    # sharded graph use; execute() sets it from the plan.
+    comm: object = None
 
 
 # ----------------------------------------------------------------------------- embedding / head
 def embedding(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
-    return F.embedding(inputs[0], params["weight"])  # (B, T, H)
+    start = node.attrs.get("vocab_start")
+    if start is None:
+        return F.embedding(inputs[0], params["weight"])  # (B, T, H)
+    # Vocab-parallel (glmrt.shard): this rank's rows [start, start + vocab_rows); other ids give
+    # zeros, and the all_reduce node after sums the ranks' rows.
+    local = inputs[0] - start
+    mine = (local >= 0) & (local < node.attrs["vocab_rows"])
+    out = F.embedding(torch.where(mine, local, torch.zeros_like(local)), params["weight"])
+    return out * mine[..., None].to(out.dtype)
 
 
 def lm_head(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
@@ -309,6 +320,28 @@ def attention(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dic
     return out.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+# ----------------------------------------------------------------------------- collectives (glmrt.shard)
+def _comm(ctx: ForwardContext, node: Node):
+    if ctx.comm is None:
+        from .errors import BackendError
+        raise BackendError(f"{node.name} is a tensor-parallel collective but the plan has no communicator: load the "
+                           "model with glmrt.load(..., tensor_parallel=N) inside a torchrun process group")
+    return ctx.comm
+
+
+def all_reduce(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    """Sum of the ranks' partial outputs, then the full bias of the row-parallel linear (once)."""
+    out = _comm(ctx, node).all_reduce(inputs[0], node.name)
+    bias = params.get("bias")
+    return out + bias if bias is not None else out
+
+
+def all_gather(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
+    """The ranks' vocabulary slices of the logits side by side, the padding trimmed: (B, T, V)."""
+    out = _comm(ctx, node).all_gather(inputs[0], node.name)
+    return out[..., :node.attrs["vocab_size"]]
+
+
 KernelFn = Callable[[ForwardContext, Node, list, dict], object]
 
 REFERENCE: dict[str, KernelFn] = {
@@ -321,4 +354,11 @@ REFERENCE: dict[str, KernelFn] = {
     "residual": residual,
     "residual_norm": residual_norm,
     "lm_head": lm_head,
+}
+
+# The tensor-parallel collectives (glmrt.shard): not kernels a backend offers, but the process
+# group's operations (lowering binds them for every backend that declares a collective_backend).
+COLLECTIVES: dict[str, KernelFn] = {
+    "all_reduce": all_reduce,
+    "all_gather": all_gather,
 }

@@ -22,15 +22,19 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="not available yet (see below)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="not available in serve yet (glmrt run and the Python API take it under torchrun)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args) -> int:
     if args.tensor_parallel != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise GLMRTError("glmrt serve --tensor-parallel is not available yet: tensor parallelism is being built "
-                         "(glmrt's shard pass under torchrun); serve on one device for now")
+        raise GLMRTError("glmrt serve --tensor-parallel is not available yet: the server's engine schedules requests "
+                         "in one process, and under tensor parallelism every rank would have to take the same "
+                         "scheduling steps (rank 0 serving HTTP and sending each step to the others), which is not "
+                         "built. Serve on one device, or run tensor-parallel with `torchrun --nproc-per-node N -m "
+                         "glmrt run MODEL --tensor-parallel N` or glmrt.load(..., tensor_parallel=N) in a script")
     for name in ("max_batch", "port", "max_waiting"):
         if getattr(args, name) < 1:
             raise GLMRTError(f"--{name.replace('_', '-')} must be a positive integer")

@@ -75,15 +75,25 @@ def config_from_dict(raw: dict) -> GLMConfig:
     )
 
 
-def deinterleave_qkv(num_heads: int, head_dim: int):
+class DeinterleaveQKV:
     """Per-head [q_h | k_h | v_h] rows -> [all q | all k | all v] (glmrt's canonical layout).
-    Works for weights (rows, in) and biases (rows,), and for row-wise scales of quantized weights."""
-    def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
+    Works for weights (rows, in) and biases (rows,), and for row-wise scales of quantized weights.
+    Heads are consecutive rows, so the rows of heads [h0, h1) are one contiguous slice of the
+    stored tensor, which DeinterleaveQKV(h1 - h0, head_dim) turns into those heads' q | k | v (what
+    a tensor-parallel rank reads: glmrt.checkpoint)."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         t = tensors[0]
         rest = t.shape[1:]
-        per_head = t.reshape(num_heads, 3, head_dim, *rest)  # (nh, 3, hd, ...)
-        return per_head.transpose(0, 1).reshape(3 * num_heads * head_dim, *rest)
-    return combine
+        per_head = t.reshape(self.num_heads, 3, self.head_dim, *rest)  # (nh, 3, hd, ...)
+        return per_head.transpose(0, 1).reshape(3 * self.num_heads * self.head_dim, *rest)
+
+
+def deinterleave_qkv(num_heads: int, head_dim: int) -> DeinterleaveQKV:
+    return DeinterleaveQKV(num_heads, head_dim)
 
 
 def weight_map(cfg: GLMConfig) -> WeightMap:

@@ -236,6 +236,7 @@ class SATShards:
         self._names = names
         from ..checkpoint import _is_zip
         self._mapped = {p for p in paths if _is_zip(p)}  # torch.load memory-mapped these
+        self.selected: tuple[int, int] | None = None  # (size, rank) after select_ranks
 
     @staticmethod
     def _iteration_dir(directory: Path) -> Path:
@@ -293,6 +294,21 @@ class SATShards:
             return torch.stack(parts, dim=1).repeat_interleave(repeat, dim=1)
         halves = [p.chunk(2, dim=0) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+    def select_ranks(self, size: int, rank: int) -> bool:
+        """Keep only the rank files tensor-parallel rank ``rank`` of ``size`` needs, when the files
+        split evenly over ``size`` (8 files at tp 8: the rank's own file; at tp 4: two consecutive
+        files, merged). The merged view is then that rank's slice of the model, in SAT's own split
+        (which glmrt.shard's matches: heads, [x1_r | x2_r], columns, vocabulary rows). Returns False
+        (all files kept, for slicing the merged view) when they do not split evenly."""
+        n = len(self.shards)
+        if n % size or size > n:
+            return False
+        k = n // size
+        self.shards = self.shards[rank * k:(rank + 1) * k]
+        self._paths = self._paths[rank * k:(rank + 1) * k]
+        self.selected = (size, rank)
+        return True
 
     def names(self) -> set[str]:
         return set(self._names)

@@ -228,7 +228,8 @@ def test_glm130b_single_prompts_follow_the_original(glm130b, name, dtype):
 
 @pytest.mark.xfail(strict=True, reason=(
     "not yet filed: SAT's RowParallelLinear adds the bias after the (all-reduced) matmul, a second "
-    "rounding in the model dtype; glmrt adds it inside F.linear (attention.dense, dense_4h_to_h)"))
+    "rounding in the model dtype; glmrt adds it inside F.linear (attention.dense, dense_4h_to_h). Its "
+    "tensor-parallel path adds it after the all-reduce and follows SAT (tests/tp/test_tp_half_precision.py)"))
 def test_glm130b_row_parallel_bias_is_added_after_the_matmul(tmp_path):
     sd = _glm130b_state_dict(row_parallel_bias=True)
     directory = g130.write_sat(tmp_path / "g130", [sd])

@@ -1,33 +1,28 @@
 """Tensor parallelism for the shim's init_inference(tensor_parallel={"tp_size": N}), Megatron style.
 
-Each rank of a tensor-parallel group holds 1/N of every layer: the attention heads (q, and k / v
-for its share of the KV heads) and 1/N of the MLP's inner width. The column-parallel projections
-(qkv, the MLP's first projection, both halves of a gated one) keep their rows of the rank's heads /
-inner columns; the row-parallel ones (attention output, MLP down) keep the matching input columns,
-and their partial outputs are summed over the group with one all-reduce each (in fp32, rounded
-once to the model dtype). Embedding, norms and the LM head are replicated. So a rank runs a glmrt
-graph of the same model with num_heads / N, num_kv_heads / N and ffn_hidden_size / N, and its KV
-cache holds only its own heads.
-
-A bias of a row-parallel projection is added by rank 0 only (the others hold zeros), so the sum
-has it once. Quantization (dtype=torch.int8) happens after sharding, on each rank's slices.
+One implementation with glmrt's own: the model's graph goes through the shard pass
+(glmrt.shard: qkv column-parallel by heads, KV groups split or replicated, attention output and
+MLP down row-parallel with one all-reduce each and the full bias added after it, GLU halves split
+per half, vocab-parallel embedding and LM head with the logits gathered), and the collectives go
+through the shim's comm module (swDeepSpeed.comm when installed, else torch.distributed over
+gloo), with the partial sums all-reduced in fp32 and rounded once to the model dtype. A rank's
+Model config has its share of the heads, KV groups and MLP width; its KV cache holds only its own
+groups. Quantization (dtype=torch.int8) happens after sharding, on each rank's slices.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 
+from ....distributed import Communicator
 from ....errors import ConfigError
 from ....graph import build_graph
 from ....lowering import lower
 from ....model import Model
 from ....quant import parse_format, quantize_graph, quantize_weights
+from ....shard import ALL_REDUCE, ROW_PARALLEL, shard_graph, shard_weights, tp_layout
 from . import comm
-
-# Node-name suffixes of the row-parallel linears, whose outputs are all-reduced.
-ROW_PARALLEL = (".attn.dense", ".mlp.down")
 
 
 class TPGroup:
@@ -71,78 +66,49 @@ def make_group(tp_size: int, mpu: Any = None, tp_group: Any = None) -> TPGroup:
 
 
 def check_divisible(cfg, tp_size: int) -> None:
-    for what, value in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
-                        ("MLP inner width (ffn_hidden_size)", cfg.ffn_hidden_size)):
-        if value % tp_size:
-            raise ConfigError(f"tensor_parallel.tp_size={tp_size} does not divide the model's {what} ({value}); "
-                              f"use a tp_size that divides {cfg.num_heads} heads, {cfg.num_kv_heads} KV heads and "
-                              f"{cfg.ffn_hidden_size}")
+    """The shard pass's rule (glmrt.shard.tp_layout: heads divide, KV groups divide or are
+    replicated, MLP width divides), with DeepSpeed's option name in the message."""
+    try:
+        tp_layout(cfg, tp_size, 0)
+    except ConfigError as exc:
+        for what, value in (("attention heads", cfg.num_heads), ("MLP inner width (ffn_hidden_size)",
+                                                                 cfg.ffn_hidden_size)):
+            if value % tp_size:
+                raise ConfigError(f"tensor_parallel.tp_size={tp_size} does not divide the model's {what} ({value}); "
+                                  f"use a tp_size that divides {cfg.num_heads} heads and {cfg.ffn_hidden_size}") from None
+        raise ConfigError(f"tensor_parallel.tp_size={tp_size}: {exc}") from None
 
 
 def local_config(cfg, tp_size: int):
+    """The config of one rank's share: its heads, KV groups and MLP width (the vocabulary and the
+    rest stay the whole model's)."""
     check_divisible(cfg, tp_size)
-    return cfg.replace(num_heads=cfg.num_heads // tp_size, num_kv_heads=cfg.num_kv_heads // tp_size,
-                       ffn_hidden_size=cfg.ffn_hidden_size // tp_size)
-
-
-def _rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    return t.narrow(0, start, count)
-
-
-def shard_weight(name: str, tensor: torch.Tensor, cfg, rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's part of the full-model parameter ``name`` (layout of glmrt.graph)."""
-    hd = cfg.head_dim
-    nh, nkv, ffn = cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size, cfg.ffn_hidden_size // tp_size
-    if ".attn.qkv." in name:  # rows: q of every head, then k, then v
-        q = _rows(tensor, rank * nh * hd, nh * hd)
-        k = _rows(tensor, cfg.num_heads * hd + rank * nkv * hd, nkv * hd)
-        v = _rows(tensor, (cfg.num_heads + cfg.num_kv_heads) * hd + rank * nkv * hd, nkv * hd)
-        return torch.cat((q, k, v)).contiguous()
-    if ".mlp.up." in name:  # rows; a gated activation has two halves of ffn rows each
-        if cfg.mlp_in_size == 2 * cfg.ffn_hidden_size:
-            return torch.cat((_rows(tensor, rank * ffn, ffn),
-                              _rows(tensor, cfg.ffn_hidden_size + rank * ffn, ffn))).contiguous()
-        return _rows(tensor, rank * ffn, ffn).contiguous()
-    for suffix, width in ((".attn.dense.", nh * hd), (".mlp.down.", ffn)):
-        if suffix in name:
-            if name.endswith(".bias"):  # added once, by rank 0
-                return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
-            return tensor.narrow(1, rank * width, width).contiguous()  # input columns
-    return tensor  # replicated: embedding, norms, LM head
-
-
-def _all_reduced(fn, group: TPGroup):
-    def run(ctx, node, inputs, params):
-        partial = fn(ctx, node, inputs, params)
-        total = partial.float()
-        comm.all_reduce(total, group=group.group)
-        return total.to(partial.dtype)
-    return run
+    lay = tp_layout(cfg, tp_size, 0)
+    return cfg.replace(num_heads=lay.heads, num_kv_heads=lay.kv_heads, ffn_hidden_size=lay.ffn)
 
 
 def shard_model(model: Model, group: TPGroup, quantize: str | None, strict: bool) -> Model:
-    """``model`` (float weights, on the sunway backend) split for ``group.rank`` of ``group.size``."""
+    """``model`` (float weights, on the sunway backend) split for ``group.rank`` of ``group.size``
+    by glmrt's shard pass (glmrt.shard), its collectives carried by the shim's comm module."""
     if any("quant" in node.attrs for node in model.graph.nodes):
         raise ConfigError("tensor parallelism splits float weights: pass the float model (or checkpoint) and ask "
                           "for int8 with dtype=torch.int8, which quantizes each rank's slices")
     cfg = local_config(model.config, group.size)
-    graph = build_graph(cfg, model.dtype)
-    weights = {name: shard_weight(name, model.weights[name], model.config, group.rank, group.size)
-               for name in graph.params}
-    for name, spec in graph.params.items():
-        if tuple(weights[name].shape) != tuple(spec.shape):
-            raise AssertionError(f"shard of {name} is {tuple(weights[name].shape)}, the local graph wants "
-                                 f"{tuple(spec.shape)} (a bug in shard_weight)")
+    full = build_graph(model.config, model.dtype)  # the unfused graph of the whole model
+    graph = shard_graph(full, group.size, group.rank)
+    weights = shard_weights(full, {name: model.weights[name] for name in full.params}, group.size, group.rank)
     want = parse_format(quantize)
     if want is not None:
         quantized = quantize_graph(graph, *want)
         weights = quantize_weights(graph, quantized, weights)
         graph = quantized
-    plan = lower(graph, model.backend, weights, strict=strict)
+    root = comm.get_rank() - group.rank  # the groups are consecutive ranks (make_group)
+    communicator = Communicator(group.size, group.rank, group.group, transport="gloo", collectives=comm,
+                                accumulate_fp32=True, root=root)
+    plan = lower(graph, model.backend, weights, strict=strict, comm=communicator)
     for step in plan.steps:
-        if step.node.op == "linear" and step.node.name.endswith(ROW_PARALLEL):
-            step.fn = _all_reduced(step.fn, group)
-            step.reason += f"; partial sums all-reduced over {group.size} tensor-parallel ranks"
+        if step.node.op == ALL_REDUCE and step.node.name.removesuffix(".all_reduce").endswith(ROW_PARALLEL):
+            step.reason += f"; partial sums all-reduced over {group.size} tensor-parallel ranks (fp32)"
     out = Model(cfg, graph, plan, weights, f"{model.source} [tensor-parallel rank {group.rank} of {group.size}]")
     out.tokenizer, out.chat_family = model.tokenizer, model.chat_family
     return out
