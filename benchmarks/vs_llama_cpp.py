@@ -38,10 +38,14 @@ tokens (benchmarks/llama_cpp/greedy.cpp, a 20-line driver against libllama) afte
 must equal glmrt's (kernels="reference", float32) on that file: the evidence that both engines run
 the same model, so the speed comparison is fair. A mismatch stops the run.
 
---profile adds a per-op profile of one pp and one tg round of each engine (glmrt: wall time per IR
-op kind of its plan; llama.cpp: GGML_SCHED / its eval callback are not built here, so its profile is
-llama-bench's own pp/tg split and the share of time in matrix products is derived from the
-measured tokens/s); see --help.
+--profile adds glmrt's per-op profile (wall time per IR op and the kernel that ran it) of one pp
+(the longest prompt) and one tg round of each format, after the timed rounds. llama.cpp is not
+profiled per op by this script (its eval callback serializes the graph, which changes what it
+measures).
+
+--worker-per-round starts glmrt's worker anew every round (paying the load each time), so that
+glmrt's copy of the weights and llama.cpp's are never in memory together: needed at full depth in
+16 bits on a machine with less than twice the file size in RAM.
 
 Results: results.json and README.md in --out (default benchmarks/results/<date>-cpu-vs-llama-cpp-
 chatglm3-6b-L<layers>).
@@ -99,6 +103,8 @@ def parse_args(argv=None):
     ap.add_argument("--check-tokens", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="a per-op profile of glmrt's pp and tg for each format")
     ap.add_argument("--delete-files", action="store_true", help="delete each GGUF file after its format ran")
+    ap.add_argument("--worker-per-round", action="store_true",
+                    help="a new glmrt process every round, so that both engines' weights are never in memory together")
     ap.add_argument("--build-only", action="store_true", help="build llama.cpp, print the binaries, and stop")
     ap.add_argument("--out", default=None)
     ap.add_argument("--glmrt-worker", help=argparse.SUPPRESS)
@@ -466,6 +472,7 @@ def main(argv=None):
            "llama_cpp": llama,
            "settings": {"preset": PRESET, "layers": args.layers, "formats": args.format_list, "pp": args.pp_list,
                         "tg": args.tg, "rounds": args.rounds, "threads": args.threads,
+                        "worker_per_round": args.worker_per_round,
                         "sixteen_bit_tensors_in_quantized_files": SIXTEEN_BIT_TENSORS},
            "load_average_start": os.getloadavg()}
     if args.check_layers:
@@ -480,17 +487,25 @@ def main(argv=None):
         path = ensure_gguf(work, args.layers, fmt)
         spec = {"path": str(path), "dtype": FORMATS[fmt][1], "pp": args.pp_list, "tg": args.tg,
                 "threads": args.threads}
-        worker = GlmrtWorker(spec, args.threads)
-        worker.ask()  # warm-up
-        theirs, ours = [], []
+        theirs, ours, worker = [], [], None
         for _ in range(args.rounds):  # alternating, so that a busy spell of the machine hits both
             theirs.append(run_llama_bench(llama, path, args.pp_list, args.tg, args.threads))
+            if worker is None:
+                worker = GlmrtWorker(spec, args.threads)
+                worker.ask()  # warm-up
             ours.append(worker.ask())
+            if args.worker_per_round:
+                worker.close()
+                info, worker = worker.info, None
+        if worker is None:
+            worker = GlmrtWorker(spec, args.threads) if args.profile else None
         profile = worker.ask("profile") if args.profile else None
-        worker.close()
+        if worker is not None:
+            info = worker.info
+            worker.close()
         row = {"format": fmt, "file": path.name, "file_bytes": path.stat().st_size,
                "decode_read_bytes": decode_read_bytes(path), "glmrt_weights": FORMATS[fmt][2],
-               "glmrt_dtype": FORMATS[fmt][1], "glmrt_info": worker.info,
+               "glmrt_dtype": FORMATS[fmt][1], "glmrt_info": info,
                "llama_cpp": summarize(theirs), "glmrt": summarize(ours), "load_average": os.getloadavg()}
         if profile:
             row["glmrt_profile"] = profile
