@@ -248,13 +248,8 @@ def build_llama_cpp(args, work: Path) -> dict:
         subprocess.run(["c++", "-O2", "-std=c++17", str(source), "-o", str(driver), f"-I{src / 'include'}",
                         f"-I{src / 'ggml' / 'include'}", f"-L{lib}", "-lllama", "-lggml", "-lggml-base",
                         f"-Wl,-rpath,{lib}"], check=True)
-    commit = ""
-    info = src / "ggml" / "src" / "ggml-cpu"
-    version = subprocess.run([str(bench), "--version"], capture_output=True, text=True)
-    commit = (version.stdout + version.stderr).strip().splitlines()[0] if version.returncode == 0 else ""
     return {"source": source_id, "tree": str(src), "build_dir": str(build), "cmake_options": options,
-            "llama_bench": str(bench), "greedy_driver": str(driver), "version": commit,
-            "cpu_backend_dir": str(info)}
+            "llama_bench": str(bench), "greedy_driver": str(driver)}
 
 
 def run_llama_bench(llama: dict, model: Path, pp: list[int], tg: int, threads: int) -> dict:
@@ -266,6 +261,11 @@ def run_llama_bench(llama: dict, model: Path, pp: list[int], tg: int, threads: i
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"llama-bench failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    records = json.loads(out.stdout)
+    if records:  # llama.cpp's own build stamp, as llama-bench reports it
+        llama["build_commit"] = records[0].get("build_commit")
+        llama["build_number"] = records[0].get("build_number")
+        llama["cpu_info"] = records[0].get("cpu_info")
     return parse_llama_bench(out.stdout)
 
 
@@ -544,7 +544,8 @@ def markdown(doc: dict) -> str:
              f"({doc['date']})", "",
              f"- hardware: {doc['hardware']['cpu']}, {doc['hardware']['logical_cpus']} logical CPUs "
              f"({', '.join(doc['hardware']['isa_flags'])}); {s['threads']} threads for both engines",
-             f"- glmrt commit: {doc['commit']}; llama.cpp: {ll['source']} ({ll['version']}), built with "
+             f"- glmrt commit: {doc['commit']}; llama.cpp: {ll['source']} (llama.cpp commit {ll.get('build_commit')}), built "
+             "with "
              f"`{' '.join(ll['cmake_options'])}`",
              f"- command: `{doc['command']}`",
              f"- model: random weights at the {s['preset']} widths, {s['layers']} layers, one GGUF file per format "

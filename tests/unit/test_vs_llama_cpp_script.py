@@ -106,7 +106,7 @@ def _doc(vs):
         rows.append(row)
     return {"date": "2026-12-03", "commit": "abc", "command": "python benchmarks/vs_llama_cpp.py",
             "hardware": {"cpu": "CPU", "logical_cpus": 2, "threads": 2, "isa_flags": ["avx2"]},
-            "llama_cpp": {"source": "llama_cpp_python-0.3.36.tar.gz", "version": "v", "cmake_options": ["-DA=1"]},
+            "llama_cpp": {"source": "llama_cpp_python-0.3.36.tar.gz", "build_commit": "0c1e570", "cmake_options": ["-DA=1"]},
             "settings": {"preset": "chatglm3-6b", "layers": 8, "rounds": 2, "threads": 2},
             "load_average_start": (0.5, 0.4, 0.3), "load_average_end": (0.6, 0.5, 0.4),
             "bandwidth": {"median_bytes_per_s": 40e9},
