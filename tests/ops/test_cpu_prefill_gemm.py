@@ -125,7 +125,15 @@ def test_quantized_prefill_keeps_the_integer_kernel_for_decode_and_row_invariant
     torch.testing.assert_close(panel, integer, rtol=0.05, atol=0.05 * integer.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float16_prefill_keeps_f_linear(prefill):
+    """fp16 never takes the panel GEMM (batch invariance against the decode GEMV; see kernels.py)."""
+    prefill("float", "fp32-panel")
+    x, w = torch.randn(12, 32).half(), torch.randn(20, 32).half()
+    assert kernels._float_panel_gemm(x, w, None) is None
+    assert kernels._float_panel_gemm(x.bfloat16(), w.bfloat16(), None) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_float_panel_gemm_is_f_linear_up_to_summation_order(prefill, dtype):
     prefill("float", "fp32-panel", rows=64)
     m, n, k = 17, 150, 96
