@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ... import _native, ops
@@ -85,8 +87,22 @@ def native_quant_linear(ctx, node, inputs, params):
     scale = scale.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     m = x.numel() // k if k else int(torch.Size(x.shape[:-1]).numel())
+    # Prefill: a panel GEMM where PREFILL says so (below); never under ctx.row_invariant (the serving
+    # engine's batched decode), where every row must be computed alike whatever the row count, as
+    # the GEMV does.
+    panel = _panel_dtype(PREFILL["quant"], x.dtype)
+    if (m > PREFILL_GEMM_MIN_M and k and n and panel is not None and hasattr(module, "dequantize_rows")
+            and not getattr(ctx, "row_invariant", False)):
+        sdt, odt = _native.DTYPE_CODES[scale.dtype], _native.DTYPE_CODES[panel]
+
+        def fill(n0: int, n1: int, buf: torch.Tensor) -> None:
+            module.dequantize_rows(bits, w.data_ptr(), scale.data_ptr(), sdt, n, k, group, n0, n1, buf.data_ptr(),
+                                   odt, k)
+
+        y = _panel_gemm(x.reshape(m, k), n, k, fill, bias, panel)
+        return y.reshape(*x.shape[:-1], n)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     if m == 0 or n == 0:
         return out
     getattr(module, QUANT_LINEAR_FUNCTIONS[bits])(
@@ -94,6 +110,110 @@ def native_quant_linear(ctx, node, inputs, params):
         bias.data_ptr() if bias is not None else 0, _native.DTYPE_CODES[bias.dtype] if bias is not None else 0,
         out.data_ptr(), m, n, k, group)
     return out
+
+
+# ----------------------------------------------------------------------------- prefill GEMM
+# Beyond PREFILL_GEMM_MIN_M rows of activations (prefill) a linear is compute-bound. Which GEMM is
+# fastest depends on the CPU's matrix units, so PREFILL names a path per kind of weight, chosen at
+# import from the CPU's flags (override: GLMRT_CPU_PREFILL="quant=integer,float=fp32-panel"):
+#  - "integer" (quantized weights): the native kernels above, int8 dot products per block of 32;
+#  - "fp32-panel": the weight widened to fp32 PREFILL_PANEL_ROWS output rows at a time (INT8 / INT4:
+#    native dequantize_rows, exactly glmrt.quant.dequantize's values; bf16 / fp16: an exact widening
+#    copy) into a reused buffer and multiplied with torch's fp32 GEMM (the host BLAS), the
+#    activations widened once: fp32 accumulation, one rounding to the activation dtype at the end;
+#  - "bf16-panel": the same with bf16 panels and torch's bf16 GEMM (oneDNN, AMX-BF16 where the CPU
+#    has it); the panel holds dequantize(..., bfloat16), what the reference (glmrt.ops.linear)
+#    multiplies;
+#  - "torch" (float weights): F.linear as it is. float16 weights always take it (see
+#    _float_panel_gemm: batch invariance), so on CPUs without fast bf16 only bf16 takes the panel.
+# Measured (2 threads, AMD EPYC, AVX2 without AVX-512 / AMX, 128 x 4096 x 4608, 2026-12-03): torch's
+# bf16 F.linear 2.1 GFLOP/s and fp16 about 2x that, its fp32 GEMM 3.5x bf16's, the native INT4
+# kernel 1.8x the fp32 GEMM; so there floats take fp32-panel and quantized weights integer. With
+# AMX-BF16 oneDNN's bf16 GEMM is the fastest of all (issue 16: an AMX VM's bf16 prefill ran 1.7x
+# its INT4 prefill), so quantized weights take bf16-panel and floats torch.
+PREFILL_GEMM_MIN_M = 8
+PREFILL_PANEL_ROWS = 4096
+PREFILL_PATHS = {"quant": ("integer", "fp32-panel", "bf16-panel"), "float": ("torch", "fp32-panel", "bf16-panel")}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def default_prefill(flags: set[str], override: str = "") -> dict[str, str]:
+    """PREFILL for a CPU with these /proc/cpuinfo flags, then "kind=path,..." overrides applied."""
+    amx = "amx_bf16" in flags
+    fast_bf16 = amx or "avx512_bf16" in flags
+    out = {"quant": "bf16-panel" if amx else "integer", "float": "torch" if fast_bf16 else "fp32-panel"}
+    for item in (t.strip() for t in override.split(",") if t.strip()):
+        kind, _, path = item.partition("=")
+        if kind not in PREFILL_PATHS or path not in PREFILL_PATHS[kind]:
+            raise ValueError(f"GLMRT_CPU_PREFILL: {item!r}; give kind=path with kind quant (paths "
+                             f"{', '.join(PREFILL_PATHS['quant'])}) or float ({', '.join(PREFILL_PATHS['float'])})")
+        out[kind] = path
+    return out
+
+
+PREFILL = default_prefill(_cpu_flags(), os.environ.get("GLMRT_CPU_PREFILL", ""))
+
+
+def _panel_dtype(path: str, x_dtype: torch.dtype) -> torch.dtype | None:
+    """The panels' dtype for a path and the activations' dtype; None: no panel GEMM."""
+    if path == "fp32-panel":
+        return torch.float32
+    if path == "bf16-panel":
+        return torch.bfloat16 if x_dtype == torch.bfloat16 else torch.float32
+    return None
+
+
+def _panel_gemm(x2d: torch.Tensor, n: int, k: int, fill, bias, panel_dtype: torch.dtype) -> torch.Tensor:
+    """y (M, N) = x2d (M, K) @ W^T (+ bias), W produced PREFILL_PANEL_ROWS rows at a time by
+    fill(n0, n1, buf) into buf (rows, K) of panel_dtype; the GEMM in panel_dtype (fp32 or bf16,
+    accumulating in fp32), returned in x2d's dtype."""
+    m = x2d.shape[0]
+    xt = x2d.contiguous().to(panel_dtype).t()  # (K, M) view: the BLAS reads it transposed
+    yt = torch.empty((n, m), dtype=panel_dtype)  # (N, M): each panel's product is a contiguous row block
+    rows = min(PREFILL_PANEL_ROWS, n)
+    buf = torch.empty((rows, k), dtype=panel_dtype)
+    b = None if bias is None else bias.to(panel_dtype)[:, None]  # (N, 1)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        panel = buf[: n1 - n0]
+        fill(n0, n1, panel)
+        if b is None:
+            torch.mm(panel, xt, out=yt[n0:n1])
+        else:
+            torch.addmm(b[n0:n1], panel, xt, out=yt[n0:n1])
+    return yt.t().to(x2d.dtype)  # (M, N)
+
+
+def _float_panel_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor | None:
+    """The prefill GEMM of float weights where PREFILL["float"] is a panel path; None elsewhere
+    (then F.linear runs)."""
+    m, k = x2d.shape
+    panel = _panel_dtype(PREFILL["float"], x2d.dtype)
+    if (panel is None or m <= PREFILL_GEMM_MIN_M or x2d.dtype not in _native.DTYPE_CODES or weight.dtype != x2d.dtype
+            or weight.dim() != 2 or weight.shape[1] != k or (bias is not None and bias.dtype != x2d.dtype)):
+        return None
+    if x2d.dtype != torch.bfloat16:
+        # float32 is already the fp32 GEMM. float16 keeps F.linear: the fp32 panel GEMM's per-row sums
+        # differ from the decode GEMV's by more than fp16's rounding hides, which breaks glmrt's
+        # batch invariance (a padded batch of > 8 rows against its prompts of <= 8 run alone:
+        # tests/models/test_original_code_half_precision.py); bf16's coarser rounding hides it.
+        return None
+    weight = weight.contiguous()
+
+    def fill(n0: int, n1: int, buf: torch.Tensor) -> None:
+        buf.copy_(weight[n0:n1])
+
+    return _panel_gemm(x2d, weight.shape[0], k, fill, bias, panel)
 
 
 # ----------------------------------------------------------------------------- float decode GEMV
@@ -146,7 +266,10 @@ def _float_gemv_rows(ctx, module, x2d: torch.Tensor, weight: torch.Tensor, bias)
 def native_float_linear(ctx, node, inputs, params):
     module, _ = native()
     x = inputs[0]  # (..., K)
-    out = _float_gemv_rows(ctx, module, x.reshape(-1, x.shape[-1]), params["weight"], params.get("bias"))
+    x2d = x.reshape(-1, x.shape[-1])
+    out = _float_gemv_rows(ctx, module, x2d, params["weight"], params.get("bias"))
+    if out is None and not getattr(ctx, "row_invariant", False):
+        out = _float_panel_gemm(x2d, params["weight"], params.get("bias"))
     if out is None:
         return ops.linear(ctx, node, inputs, params)
     return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
@@ -157,6 +280,8 @@ def native_lm_head(ctx, node, inputs, params):
     x = inputs[0]  # (B, T, H)
     last = x[:, -1] if ctx.last_only else x.reshape(-1, x.shape[-1])  # (B, H) or (B*T, H)
     out = _float_gemv_rows(ctx, module, last, params["weight"], None)
+    if out is None and not getattr(ctx, "row_invariant", False):
+        out = _float_panel_gemm(last, params["weight"], None)
     if out is None:
         return ops.lm_head(ctx, node, inputs, params)
     return out[:, None] if ctx.last_only else out.reshape(*x.shape[:-1], out.shape[-1])  # (B, 1, V) / (B, T, V)

@@ -11,6 +11,7 @@ function(glmrt_add_cpu_module)
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/rows.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/bind_layers.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/gemv_quant.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/dequant.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/gemv_float.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/membw.cpp)
   target_include_directories(_native_cpu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu)

@@ -2,6 +2,7 @@
 // dtype codes, so the module does not link against torch; glmrt wraps them as torch ops.
 #include <pybind11/pybind11.h>
 
+#include "dequant.h"
 #include "gemv_float.h"
 #include "gemv_quant.h"
 #include "membw.h"
@@ -68,6 +69,21 @@ PYBIND11_MODULE(_native_cpu, m) {
         "Instruction-set path of linear_int8/linear_int4: 'avx512vnni', 'avx2' or 'scalar'");
   m.def("set_quant_linear_isa", [](const std::string& name) { return glmrt::set_quant_linear_isa(name.c_str()); },
         py::arg("name"), "Force a path no better than the CPU's (tests/benchmarks); False if unavailable");
+  m.def(
+      "dequantize_rows",
+      [](int bits, uintptr_t w, uintptr_t scale, int scale_dtype, int64_t N, int64_t K, int64_t group_size,
+         int64_t n0, int64_t n1, uintptr_t out, int out_dtype, int64_t ld) {
+        if (bits != 8 && bits != 4) throw py::value_error("dequantize_rows: bits must be 8 or 4");
+        const glmrt::DType st = to_dtype(scale_dtype), ot = to_dtype(out_dtype);
+        py::gil_scoped_release release;
+        glmrt::dequantize_rows(bits == 8 ? glmrt::QuantFormat::Int8 : glmrt::QuantFormat::Int4, as_ptr(w),
+                               as_ptr(scale), st, N, K, group_size, n0, n1, as_ptr(out), ot, ld);
+      },
+      py::arg("bits"), py::arg("w"), py::arg("scale"), py::arg("scale_dtype"), py::arg("N"), py::arg("K"),
+      py::arg("group_size"), py::arg("n0"), py::arg("n1"), py::arg("out"), py::arg("out_dtype"), py::arg("ld"),
+      "out[(n-n0)*ld + k] = dequant(w)[n, k] for rows [n0, n1), in out_dtype (glmrt.quant.dequantize's values, "
+      "exactly)");
+  m.def("dequantize_rows_isa", &glmrt::dequantize_rows_isa, "Vector path of dequantize_rows: avx2 or scalar");
   m.def(
       "read_stream",
       [](uintptr_t data, int64_t bytes, int threads) {

@@ -1,0 +1,153 @@
+"""The CPU backend's prefill GEMM paths (backends/cpu/kernels.py PREFILL): native dequantize_rows
+against glmrt.quant.dequantize bit for bit, and the panel GEMMs of quantized and float linears
+against the reference linear (glmrt.ops.linear) within what their arithmetic implies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmrt import _native, ops, quant
+from glmrt.backends.cpu import kernels
+
+native = _native.load("_native_cpu")[0]
+pytestmark = pytest.mark.glmrt_native(available=native is not None and hasattr(native, "dequantize_rows"),
+                                      reason="glmrt._native_cpu with dequantize_rows is not built")
+CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _quantized(bits, n, k, group, scale_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+    q = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int16)
+    w = q.to(torch.int8) if bits == 8 else quant.pack_int4(q.to(torch.int8))
+    groups = 1 if group == 0 else -(-k // group)
+    scale = (0.01 + 0.02 * torch.rand(n, groups, generator=g)).to(scale_dtype)
+    return w.contiguous(), (scale[:, 0] if group == 0 else scale).contiguous()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [0, 32, 128])
+@pytest.mark.parametrize("k", [1, 15, 16, 33, 257, 4096])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_rows_equals_the_reference(bits, group, k, out_dtype):
+    n = 37
+    scale_dtype = [torch.float16, torch.bfloat16, torch.float32][(k + group) % 3]
+    w, scale = _quantized(bits, n, k, group, scale_dtype, seed=k * 7 + bits + group)
+    want = quant.dequantize(w, scale, bits, group, k, out_dtype)  # (N, K)
+    n0, n1, ld = 3, 29, k + 5  # a row range and a padded leading dimension
+    out = torch.full((n1 - n0, ld), 7.0, dtype=out_dtype)
+    native.dequantize_rows(bits, w.data_ptr(), scale.data_ptr(), CODES[scale_dtype], n, k, group, n0, n1,
+                           out.data_ptr(), CODES[out_dtype], ld)
+    assert torch.equal(out[:, :k], want[n0:n1]), native.dequantize_rows_isa()
+    assert (out[:, k:] == 7).all()  # nothing written past K
+
+
+def test_dequantize_rows_refuses_bad_ranges():
+    w, scale = _quantized(8, 4, 32, 0, torch.float32, 0)
+    out = torch.empty(4, 32)
+    for n0, n1, ld, group in ((0, 5, 32, 0), (3, 2, 32, 0), (0, 4, 31, 0), (0, 4, 32, 48)):
+        with pytest.raises(ValueError):
+            native.dequantize_rows(8, w.data_ptr(), scale.data_ptr(), 0, 4, 32, group, n0, n1, out.data_ptr(), 0, ld)
+
+
+def test_default_prefill_follows_the_cpu():
+    assert kernels.default_prefill({"avx2"}) == {"quant": "integer", "float": "fp32-panel"}
+    assert kernels.default_prefill({"avx512f", "avx512_bf16"}) == {"quant": "integer", "float": "torch"}
+    assert kernels.default_prefill({"amx_bf16", "amx_tile"}) == {"quant": "bf16-panel", "float": "torch"}
+    assert kernels.default_prefill({"avx2"}, "quant=fp32-panel, float=torch") == {"quant": "fp32-panel",
+                                                                                  "float": "torch"}
+    with pytest.raises(ValueError, match="GLMRT_CPU_PREFILL"):
+        kernels.default_prefill(set(), "quant=fast")
+
+
+class _Ctx:
+    row_invariant = False
+
+
+def _node(quantized, k, n, dtype, bits=4, group=32):
+    from glmrt.graph import Node, ValueSpec
+    attrs = {"quant": {"bits": bits, "group_size": group, "in_features": k}} if quantized else {}
+    return Node("l", "linear", ["x"], ["y"], attrs=attrs, input_specs=[ValueSpec(("B", "T", k), dtype)],
+                output_specs=[ValueSpec(("B", "T", n), dtype)])
+
+
+@pytest.fixture
+def prefill(monkeypatch):
+    def use(kind, path, rows=None):
+        monkeypatch.setitem(kernels.PREFILL, kind, path)
+        if rows:
+            monkeypatch.setattr(kernels, "PREFILL_PANEL_ROWS", rows)
+    return use
+
+
+@pytest.mark.parametrize("path", ["fp32-panel", "bf16-panel"])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 0), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantized_panel_gemm_matches_the_reference(prefill, path, bits, group, dtype):
+    m, n, k = 19, 300, 256  # m > PREFILL_GEMM_MIN_M; panels of 128 rows: 3 panels, the last partial
+    prefill("quant", path, rows=128)
+    w, scale = _quantized(bits, n, k, group, torch.float16, seed=bits + group)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    node = _node(True, k, n, dtype, bits, group)
+    params = {"weight": w, "scale": scale, "bias": bias}
+    got = kernels.native_quant_linear(_Ctx(), node, [x], params)
+    assert got.shape == (1, m, n) and got.dtype == dtype
+    # Reference: the dequantized weight in fp64, as exactly as the values allow.
+    wd = quant.dequantize(w, scale, bits, group, k, torch.float64)
+    exact = x.double()[0] @ wd.T + bias.double()
+    magnitude = x.double()[0].abs() @ wd.abs().T + bias.double().abs()
+    if path == "bf16-panel" and dtype == torch.bfloat16:
+        tol = 2 * 2.0**-8 * magnitude + 2.0**-8 * exact.abs()  # bf16 weights (the reference's), bf16 outputs
+    else:
+        tol = 1e-5 * magnitude + (2.0**-8 if dtype == torch.bfloat16 else 0) * exact.abs() + 1e-6
+    assert ((got[0].double() - exact).abs() <= tol).all()
+    ref = ops.linear(_Ctx(), node, [x], params)  # glmrt's reference: dequantize to x.dtype, F.linear
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
+def test_quantized_prefill_keeps_the_integer_kernel_for_decode_and_row_invariant(prefill):
+    prefill("quant", "fp32-panel")
+    k, n = 64, 40
+    w, scale = _quantized(4, n, k, 32, torch.float16, 3)
+    params = {"weight": w, "scale": scale}
+    node = _node(True, k, n, torch.float32)
+    x = torch.randn(1, 12, k)
+    panel = kernels.native_quant_linear(_Ctx(), node, [x], params)
+    ctx = _Ctx()
+    ctx.row_invariant = True
+    rows = kernels.native_quant_linear(ctx, node, [x], params)  # the integer kernel, row by row alike
+    prefill("quant", "integer")
+    integer = kernels.native_quant_linear(_Ctx(), node, [x], params)
+    assert torch.equal(rows, integer) and not torch.equal(panel, integer)
+    torch.testing.assert_close(panel, integer, rtol=0.05, atol=0.05 * integer.abs().max().item())
+
+
+def test_float16_prefill_keeps_f_linear(prefill):
+    """fp16 never takes the panel GEMM (batch invariance against the decode GEMV; see kernels.py)."""
+    prefill("float", "fp32-panel")
+    x, w = torch.randn(12, 32).half(), torch.randn(20, 32).half()
+    assert kernels._float_panel_gemm(x, w, None) is None
+    assert kernels._float_panel_gemm(x.bfloat16(), w.bfloat16(), None) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_float_panel_gemm_is_f_linear_up_to_summation_order(prefill, dtype):
+    prefill("float", "fp32-panel", rows=64)
+    m, n, k = 17, 150, 96
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((1, m, k), (n, k), (n,)))
+    node = _node(False, k, n, dtype)
+    got = kernels.native_float_linear(_Ctx(), node, [x], {"weight": w, "bias": b})
+    exact = x.double()[0] @ w.double().T + b.double()
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    # One rounding of the fp32 result to the output dtype (plus fp32 summation error).
+    assert ((got[0].double() - exact).abs() <= eps * exact.abs() + 1e-5 * (x.double()[0].abs() @ w.double().abs().T)
+            + 1e-6).all()
+    want = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps * want.abs().max().item())
+    # At decode sizes (M <= 8) the native GEMV runs, not the panel GEMM.
+    small = kernels.native_float_linear(_Ctx(), node, [x[:, :4]], {"weight": w, "bias": b})
+    torch.testing.assert_close(small, want[:, :4], rtol=2 * eps, atol=2 * eps * want.abs().max().item())
