@@ -176,3 +176,33 @@ def test_text_output_without_a_device_names_the_devices_that_fit(capsys):
     assert main(["memory", "synthetic:chatglm3-6b", "--quantize", "int4"]) == 0
     out = capsys.readouterr().out
     assert "rtx2080ti" in out and "smallest" not in out
+
+
+@pytest.mark.parametrize("preset", ["glm-130b", "chatglm-6b", "chatglm3-6b", "glm-4-9b", "glm-4-9b-0414", "glm-4-9b-hf"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int4-g32"])
+def test_per_rank_weight_bytes_equal_the_shard_pass(preset, quantize):
+    """The planner's rules for one rank (its own reading of the tensor-parallel split) against what
+    the shard pass really gives each rank (glmrt.shard, then quantization after sharding, as
+    glmrt.load(tensor_parallel=N) does): the bytes of every rank's parameters, at every size the
+    model can shard to. Graphs only (meta), one layer."""
+    from glmrt.api import prepare
+    from glmrt.memory import check_tensor_parallel, weight_bytes_per_rank
+    from glmrt.quant import parse_format, quantize_graph
+    from glmrt.shard import shard_graph
+
+    graph = prepare(f"synthetic:{preset}", layers=1, materialize=False, progress=False).graph
+    fmt = parse_format(quantize)
+    checked = 0
+    for tp in (2, 4, 8):
+        if check_tensor_parallel(graph, tp) is not None:
+            continue
+        planned = weight_bytes_per_rank(quantize_graph(graph, *fmt) if fmt else graph, tp)
+        planned_total = sum(v["float"] + v["quantized"] for v in planned.values())
+        for rank in (0, tp - 1):
+            local = shard_graph(graph, tp, rank)
+            if fmt:
+                local = quantize_graph(local, *fmt)
+            real = sum(math.prod(p.shape) * p.dtype.itemsize for p in local.params.values())
+            assert planned_total == real, (preset, quantize, tp, rank, planned_total, real)
+        checked += 1
+    assert checked, f"{preset}: no tensor-parallel size checked"
