@@ -96,6 +96,11 @@ class GLMConfig:
     qkv_bias: bool = True
     dense_bias: bool = False
     mlp_bias: bool = False
+    # GLM-130B (SAT's RowParallelLinear, as Megatron's): the attention output and MLP down
+    # projections compute the matmul, round it to the model dtype, then add the bias (a second
+    # rounding), instead of the bias inside the matmul; under tensor parallelism the bias comes
+    # after the all-reduce (glmrt.shard), at tp 1 right after the matmul (glmrt.lowering).
+    row_bias_after_matmul: bool = False
     activation: str = "swiglu"
     mask_kind: str = "causal"
     attention_scaling: str = "standard"

@@ -121,12 +121,15 @@ class _Builder:
         return out
 
     def linear(self, name: str, x: tuple[str, ValueSpec], prefix: str, in_f: int, out_f: int,
-               bias: bool) -> tuple[str, ValueSpec]:
+               bias: bool, bias_after_matmul: bool = False) -> tuple[str, ValueSpec]:
         params = {"weight": self.param(f"{prefix}.weight", (out_f, in_f), "linear")}
+        extra = {}
         if bias:
             params["bias"] = self.param(f"{prefix}.bias", (out_f,), "bias")
+            if bias_after_matmul:  # y = round(x @ W^T) + b, two roundings (glmrt.lowering binds it)
+                extra["bias_after_matmul"] = True
         out = (name, self.v("B", "T", out_f))
-        self.add(name, "linear", [x], [out], params, in_features=in_f, out_features=out_f)
+        self.add(name, "linear", [x], [out], params, in_features=in_f, out_features=out_f, **extra)
         return out
 
     def residual(self, name: str, residual: tuple[str, ValueSpec], branch: tuple[str, ValueSpec],
@@ -155,7 +158,8 @@ class _Builder:
         self.add(f"{p}.attn.core", "attention", [q, k, v], [ctx], layer_index=i, num_heads=nh,
                  num_kv_heads=nkv, head_dim=hd, scale=1.0 / math.sqrt(hd), scaling=cfg.attention_scaling,
                  mask_kind=cfg.mask_kind)
-        attn = self.linear(f"{p}.attn.dense", ctx, f"{p}.attn.dense", nh * hd, cfg.hidden_size, cfg.dense_bias)
+        attn = self.linear(f"{p}.attn.dense", ctx, f"{p}.attn.dense", nh * hd, cfg.hidden_size, cfg.dense_bias,
+                           cfg.row_bias_after_matmul)
         if cfg.norm_placement == "sandwich":
             attn = self.norm(f"{p}.attn_out_norm", attn, f"{p}.attn_out_norm")
         h = self.residual(f"{p}.attn_residual", x if deepnorm else h, attn, alpha)
@@ -165,7 +169,8 @@ class _Builder:
         up = self.linear(f"{p}.mlp.up", x, f"{p}.mlp.up", cfg.hidden_size, cfg.mlp_in_size, cfg.mlp_bias)
         act = (f"{p}.mlp.act", self.v("B", "T", cfg.ffn_hidden_size))
         self.add(f"{p}.mlp.act", "activation", [up], [act], kind=cfg.activation)
-        down = self.linear(f"{p}.mlp.down", act, f"{p}.mlp.down", cfg.ffn_hidden_size, cfg.hidden_size, cfg.mlp_bias)
+        down = self.linear(f"{p}.mlp.down", act, f"{p}.mlp.down", cfg.ffn_hidden_size, cfg.hidden_size, cfg.mlp_bias,
+                           cfg.row_bias_after_matmul)
         if cfg.norm_placement == "sandwich":
             down = self.norm(f"{p}.mlp_out_norm", down, f"{p}.mlp_out_norm")
         return self.residual(f"{p}.mlp_residual", x if deepnorm else h, down, alpha)

@@ -7,6 +7,7 @@ device. Dispatch is decided here, once; the runtime's hot loop calls what the pl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -102,6 +103,25 @@ def _collective(backend: Backend, node: Node) -> tuple[Callable, str, str, str]:
             f"the process group's {node.op} over {transport} (the backend's collective_backend)")
 
 
+def _bias_after_matmul(node: Node) -> bool:
+    return node.op == "linear" and "bias" in node.params and bool(node.attrs.get("bias_after_matmul"))
+
+
+def _without_bias(node: Node) -> Node:
+    attrs = {k: v for k, v in node.attrs.items() if k != "bias_after_matmul"}
+    return dataclasses.replace(node, params={k: v for k, v in node.params.items() if k != "bias"}, attrs=attrs)
+
+
+def _then_add_bias(fn: Callable, bare: Node) -> Callable:
+    """A linear with ``bias_after_matmul`` (GLM-130B's row-parallel linears, glmrt.config): the
+    kernel chosen for the bias-less node computes the product in the model dtype, then the bias
+    is added, a second rounding, as SAT's RowParallelLinear does at every tensor-parallel size."""
+    def run(ctx, node, inputs, params):
+        rest = {k: v for k, v in params.items() if k != "bias"}
+        return fn(ctx, bare, inputs, rest) + params["bias"]
+    return run
+
+
 def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, strict: bool = False,
           kernels: str = "auto", comm=None) -> Plan:
     """Choose a kernel for every node and bind the (already placed) weights each node reads.
@@ -122,6 +142,10 @@ def lower(graph: Graph, backend: Backend, weights: dict[str, torch.Tensor], *, s
         elif kernels == "reference":
             fn, name, kind, reason = (ops.REFERENCE[node.op], f"reference.{node.op}", REFERENCE,
                                       "kernels='reference' was requested")
+        elif _bias_after_matmul(node):
+            fn, name, kind, reason = choose_kernel(backend, _without_bias(node))
+            fn, name = _then_add_bias(fn, _without_bias(node)), f"{name} + bias"
+            reason += "; the bias added after the rounded product (bias_after_matmul)"
         else:
             fn, name, kind, reason = choose_kernel(backend, node)
         params = {role: weights[pname] for role, pname in node.params.items()}

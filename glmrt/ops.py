@@ -123,12 +123,17 @@ def norm(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str
 def linear(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:
     x = inputs[0]
     q = node.attrs.get("quant")
+    bias = params.get("bias")
+    after = bias is not None and node.attrs.get("bias_after_matmul", False)
     if q is None:
-        return F.linear(x, params["weight"], params.get("bias"))
-    # Weight-only quantized: dequantize (see glmrt.quant), then a plain matmul in the model dtype.
-    from .quant import dequantize
-    w = dequantize(params["weight"], params["scale"], q["bits"], q["group_size"], q["in_features"], x.dtype)
-    return F.linear(x, w, params.get("bias"))
+        w = params["weight"]
+    else:
+        # Weight-only quantized: dequantize (see glmrt.quant), then a plain matmul in the model dtype.
+        from .quant import dequantize
+        w = dequantize(params["weight"], params["scale"], q["bits"], q["group_size"], q["in_features"], x.dtype)
+    if after:  # GLM-130B's row-parallel linears: the product rounded, then the bias (glmrt.config)
+        return F.linear(x, w) + bias
+    return F.linear(x, w, bias)
 
 
 def activation(ctx: ForwardContext, node: Node, inputs: list[Tensor], params: dict[str, Tensor]) -> Tensor:

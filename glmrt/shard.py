@@ -299,6 +299,7 @@ def shard_graph(graph: Graph, size: int, rank: int) -> Graph:
                 a["quant"] = dict(a["quant"], in_features=in_f)
             p = dict(node.params)
             bias = p.pop("bias", None)
+            a.pop("bias_after_matmul", None)  # the all-reduce node adds the bias, after the sum
             partial = node.outputs[0] + ".partial"
             nodes.append(dataclasses.replace(node, attrs=dict(a, in_features=in_f), params=p, outputs=[partial],
                                              input_specs=[_with_last(node.input_specs[0], in_f)]))

@@ -62,6 +62,7 @@ def config_from_dict(raw: dict) -> GLMConfig:
         rope_base=10000.0,
         rope_table_dtype="float16",  # SAT rounds inv_freq to fp16 whatever --fp16 says
         qkv_bias=True, dense_bias=True, mlp_bias=True,
+        row_bias_after_matmul=True,  # SAT's RowParallelLinear: matmul, (all-reduce,) then + bias
         activation="geglu",
         mask_kind="prefix",
         attention_scaling="layer_scaled",

@@ -237,9 +237,13 @@ def t_linear(L: Lowering, node: Node, x: list[str]) -> str:
     n, k = node.attrs["out_features"], node.attrs["in_features"]
     q = node.attrs.get("quant")
     bias = L.param(node, "bias") if "bias" in node.params else None
+    after = bias is not None and node.attrs.get("bias_after_matmul", False)  # GLM-130B: round, then + bias
     if q is None:
         flat = b.op("Reshape", [x[0], b.const([-1, k])], f"{node.name}.rows")
-        y = b.op("Gemm", [flat, L.param(node, "weight")] + ([bias] if bias else []), f"{node.name}.gemm", transB=1)
+        y = b.op("Gemm", [flat, L.param(node, "weight")] + ([bias] if bias and not after else []),
+                 f"{node.name}.gemm", transB=1)
+        if after:
+            y = b.op("Add", [y, bias], f"{node.name}.bias")
         return b.op("Reshape", [y, L.shape_tail(n)], node.name)  # (B, S, N)
     bits, group = q["bits"], q["group_size"]
     values = packing.signed_values(L.weights[node.params["weight"]], bits, k)  # (N, K) int8

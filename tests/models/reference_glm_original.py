@@ -371,9 +371,13 @@ class GLM130BReference:
 
     def __init__(self, ranks: Sequence[dict[str, Tensor]], num_layers: int, hidden_size: int,
                  num_attention_heads: int, layernorm_epsilon: float = 1e-5,
-                 rope_precision: str | torch.dtype = "model"):
+                 rope_precision: str | torch.dtype = "model", bias_inside_row_parallel: bool = False):
+        """bias_inside_row_parallel: a WRONG variant, for the tests that tell it apart: one rank's
+        row-parallel bias inside F.linear (one rounding) instead of after the matmul."""
         self.ranks = list(ranks)
         self.P = len(self.ranks)
+        self.bias_inside = bias_inside_row_parallel
+        assert not bias_inside_row_parallel or self.P == 1
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.hn = hidden_size // num_attention_heads
@@ -400,6 +404,8 @@ class GLM130BReference:
 
     def _row_parallel(self, inputs: list[Tensor], name: str) -> Tensor:
         """RowParallelLinear(input_is_parallel=True): sum of per-rank partial products, then + bias."""
+        if self.bias_inside:
+            return F.linear(inputs[0], self.ranks[0][name + ".weight"], self.ranks[0][name + ".bias"])
         out = None
         for sd, x in zip(self.ranks, inputs):
             part = F.linear(x, sd[name + ".weight"])

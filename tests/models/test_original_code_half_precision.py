@@ -12,10 +12,9 @@ on single prompts (measured: bit-identical where glmrt follows the rule), the de
 CPU kernels, whose fp32 internals may flip single roundings) within LOOSE x noise.
 test_variants_of_each_rule_are_told_apart shows each rule's wrong variant lies beyond TIGHT x noise.
 
-Where glmrt disagrees with the original today the test is xfail(strict=True), so it flips when the
-fix lands: GLM-130B's row-parallel bias rounding (see the reason). The bfloat16 RoPE tables (issue 11
-item 2) follow the original since that fix, and the THUDM attention (SDPA's flash arithmetic) since
-glmrt's "standard" attention computes it.
+Rules that glmrt once broke keep a test of their own: GLM-130B's row-parallel bias added after the
+rounded matmul (SAT's RowParallelLinear) since issue 13, the bfloat16 RoPE tables since issue 11
+item 2, the THUDM attention (SDPA's flash arithmetic) since glmrt's "standard" attention computes it.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def chatglm6b(tmp_path_factory):
 
 def _glm130b_state_dict(row_parallel_bias: bool) -> dict:
     sd = g130.make_full_state_dict()
-    if not row_parallel_bias:  # see test_glm130b_row_parallel_bias_is_added_after_the_matmul
+    if not row_parallel_bias:  # the rule's wrong variant cannot show without these biases
         for k in sd:
             if k.endswith(("attention.dense.bias", "dense_4h_to_h.bias")):
                 sd[k] = torch.zeros_like(sd[k])
@@ -87,8 +86,8 @@ def _glm130b_state_dict(row_parallel_bias: bool) -> dict:
 @pytest.fixture(scope="module")
 def glm130b(tmp_path_factory):
     """Single rank (the 8-rank original sums partial products in the model dtype: rounding that
-    a merged checkpoint cannot reproduce); the row-parallel biases zero."""
-    sd = _glm130b_state_dict(row_parallel_bias=False)
+    a merged checkpoint cannot reproduce), every bias as the release has it."""
+    sd = _glm130b_state_dict(row_parallel_bias=True)
     return sd, g130.write_sat(tmp_path_factory.mktemp("g130_half"), [sd])
 
 
@@ -226,11 +225,10 @@ def test_glm130b_single_prompts_follow_the_original(glm130b, name, dtype):
         assert err <= bound * noise, f"kernels={kernels}: {err:.4f} from the original, rounding noise {noise:.4f}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not yet filed: SAT's RowParallelLinear adds the bias after the (all-reduced) matmul, a second "
-    "rounding in the model dtype; glmrt adds it inside F.linear (attention.dense, dense_4h_to_h). Its "
-    "tensor-parallel path adds it after the all-reduce and follows SAT (tests/tp/test_tp_half_precision.py)"))
 def test_glm130b_row_parallel_bias_is_added_after_the_matmul(tmp_path):
+    """SAT's RowParallelLinear (attention.dense, dense_4h_to_h): matmul rounded to fp16, then + bias,
+    at one rank as at eight; glmrt follows at tp 1 (glmrt.lowering's bias_after_matmul) as its
+    tensor-parallel path does after the all-reduce (tests/tp/test_tp_half_precision.py)."""
     sd = _glm130b_state_dict(row_parallel_bias=True)
     directory = g130.write_sat(tmp_path / "g130", [sd])
     prompt = g130.PROMPTS["mask"]
@@ -238,8 +236,14 @@ def test_glm130b_row_parallel_bias_is_added_after_the_matmul(tmp_path):
         .logits_for_prompt(prompt, g130.MASK, g130.GMASK)
     noise = _diff(want, GLM130BReference([sd], g130.LAYERS, g130.HIDDEN, g130.HEADS, rope_precision="float")
                   .logits_for_prompt(prompt, g130.MASK, g130.GMASK))
-    got = _load(directory, FP16, "reference", token_ids=g130.TOKEN_IDS).logits(torch.tensor([prompt]))
-    assert _diff(got, want) <= TIGHT * noise
+    for kernels, bound in (("reference", TIGHT), ("auto", LOOSE)):
+        got = _load(directory, FP16, kernels, token_ids=g130.TOKEN_IDS).logits(torch.tensor([prompt]))
+        err = _diff(got, want)
+        assert err <= bound * noise, f"kernels={kernels}: {err:.4f} from the original, rounding noise {noise:.4f}"
+    # The wrong variant (the bias inside the matmul, one rounding) is beyond the tight bound.
+    inside = GLM130BReference([_cast(sd, FP16)], g130.LAYERS, g130.HIDDEN, g130.HEADS, rope_precision=FP16,
+                              bias_inside_row_parallel=True).logits_for_prompt(prompt, g130.MASK, g130.GMASK)
+    assert _diff(inside, want) > TIGHT * noise
 
 
 # ----------------------------------------------------------------------------- THUDM format
