@@ -1,8 +1,8 @@
 """GLM-130B in fp16 through the tensor-parallel path against the original's rounding
 (tests/models/reference_glm_original.py, SAT's parallel layers): the row-parallel bias is added
-after the (all-reduced) matmul, a second rounding in fp16, as SAT's RowParallelLinear does. The
-single-process load adds it inside F.linear (test_original_code_half_precision.py keeps its strict
-xfail on that). Not claimed: at 8 ranks the all-reduce sums 8 fp16 partial products in gloo's
+after the (all-reduced) matmul, a second rounding in fp16, as SAT's RowParallelLinear does, and
+the single-process load does the same since issue 13 item 3 (glmrt.lowering's bias_after_matmul;
+test_original_code_half_precision.py tells the bias-inside variant apart). Not claimed: at 8 ranks the all-reduce sums 8 fp16 partial products in gloo's
 order, which follows the reference's rank-order sum no better than the merged single-process load
 does (measured 0.055 vs 0.051 from the 8-rank original, both about 0.35 x the fp16 noise)."""
 
@@ -41,4 +41,5 @@ def test_glm130b_fp16_adds_the_row_parallel_bias_after_the_matmul_as_sat(tmp_pat
     for rank, result in results.items():
         err = float((result["logits"].float() - want.float()).abs().max())
         assert err <= TIGHT * noise, f"rank {rank}: {err:.4f} from the original, rounding noise {noise:.4f}"
-        assert err < single_err, f"rank {rank}: {err:.4f} from the original, the single-process load {single_err:.4f}"
+    # The single-process load follows the same rule (before issue 13 item 3 it added the bias inside F.linear).
+    assert single_err <= TIGHT * noise, f"single process: {single_err:.4f} from the original, noise {noise:.4f}"
