@@ -48,6 +48,7 @@ def measure(args) -> dict | None:
     import torch
     import glmrt
     from glmrt.bench.machine import load_average
+    from glmrt.bench.metrics import CollectiveClock
     torch.set_num_threads(args.threads_per_rank)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = None if args.plain else world
@@ -60,21 +61,22 @@ def measure(args) -> dict | None:
     rank = comm.rank if comm else 0
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt,), generator=g).tolist()
+    clock = CollectiveClock(comm) if comm else None  # the same measure as glmrt bench --tensor-parallel
     rounds = []
     for _ in range(args.rounds + 1):  # the first round warms up
-        if comm:
-            comm.timing, comm.seconds = False, 0.0
+        if clock:
+            clock.start()
         stamps = []
         before = dict(comm.counts) if comm else {}
         for i, _tok in enumerate(model.stream([prompt], max_new_tokens=args.tokens + 1, eos_token_id=[])):
             stamps.append(time.perf_counter())
-            if i == 0 and comm:  # time the collectives of the decode steps only
-                comm.seconds, comm.timing = 0.0, True
+            if i == 0 and clock:  # time the collectives of the decode steps only
+                clock.first_token()
         steps = len(stamps) - 1
         decode_s = stamps[-1] - stamps[0]
-        comm_s = comm.seconds if comm else 0.0
+        comm_s = clock.stop(decode_s, steps)["comm_s"] if clock else 0.0
         forwards = {k: (v - before.get(k, 0)) / (steps + 1) for k, v in comm.counts.items()} if comm else None
-        slowest = _gather_max(comm, comm_s) if comm else 0.0
+        slowest = clock.slowest_rank(comm_s) if clock else 0.0
         rounds.append({"decode_steps": steps, "decode_s": decode_s, "tokens_per_s": steps / decode_s,
                        "step_s": decode_s / steps, "comm_s_rank0": comm_s, "comm_s_max_rank": slowest,
                        "comm_share_rank0": comm_s / decode_s,
@@ -92,12 +94,6 @@ def measure(args) -> dict | None:
             "load_average": {"before": load_before, "after": load_average()},
             "collectives_per_forward_expected": {"all_reduce": 2 * args.layers + 1, "all_gather": 1} if comm else None,
             "argv": sys.argv}
-
-
-def _gather_max(comm, value: float) -> float:
-    import torch
-    t = torch.tensor([value], dtype=torch.float64)
-    return float(comm.all_gather(t, "the benchmark's timings", dim=0).max())
 
 
 def summarize(directory: Path) -> None:

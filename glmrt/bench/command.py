@@ -44,17 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write results.json, results.md and results.png into DIR")
     p.add_argument("--json", action="store_true", help="print the results document as JSON instead of the table")
     p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
-                   help="not available in glmrt bench (its settings run in worker processes of their own): "
-                        "benchmarks/tp_cpu.py measures tensor-parallel decode under torchrun")
+                   help="run as one of N tensor-parallel ranks under `torchrun --nproc-per-node N -m glmrt bench "
+                        "...`: every rank runs the glmrt settings in lockstep (in its own process, not in worker "
+                        "processes), rank 0 prints and writes the results (with the transport and the collectives' "
+                        "share of a decode step); baselines are skipped")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                    help="print two results.json side by side (matching settings, B/A ratios) and exit")
 
 
 def handle(args: argparse.Namespace) -> int:
-    if getattr(args, "tensor_parallel", None) is not None:
-        raise GLMRTError("glmrt bench --tensor-parallel is not available yet: bench runs every setting in a worker "
-                         "process of its own, which a torchrun process group cannot follow. Measure tensor-parallel "
-                         "decode with `torchrun --nproc-per-node N benchmarks/tp_cpu.py ...` (see its docstring)")
     if args.compare:
         a, b = (load_results(p) for p in args.compare)
         for path, doc in zip(args.compare, (a, b)):
@@ -65,6 +63,8 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     cfg = config_from_args(args)
     doc = run_bench(cfg)
+    if doc is None:  # a tensor-parallel rank other than 0: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

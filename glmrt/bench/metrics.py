@@ -84,8 +84,50 @@ class RunTiming:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
+# Tensor-parallel runs (glmrt bench under torchrun) set this False on every rank but 0, so the
+# progress lines are printed once.
+LOG_PROGRESS = True
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if LOG_PROGRESS:
+        print(message, file=sys.stderr, flush=True)
+
+
+class CollectiveClock:
+    """The collectives of a tensor-parallel generation's decode steps: their wall time (which
+    includes waiting for the slower rank) and count, through glmrt.distributed.Communicator's
+    timing. Per run: ``start()`` before the request, ``first_token()`` when the prefill's token is
+    out (from then on the collectives are timed), ``stop(decode_s, steps)`` after the last token.
+    Used by glmrt bench --tensor-parallel and benchmarks/tp_cpu.py."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.runs: list[dict] = []
+        self._before: dict = {}
+
+    def start(self) -> None:
+        self.comm.timing, self.comm.seconds = False, 0.0
+
+    def first_token(self) -> None:
+        self._before = dict(self.comm.counts)
+        self.comm.seconds, self.comm.timing = 0.0, True
+
+    def stop(self, decode_s: float, steps: int) -> dict:
+        comm = self.comm
+        comm.timing = False
+        run = {"comm_s": comm.seconds, "decode_s": decode_s, "decode_steps": steps,
+               "comm_share": comm.seconds / decode_s if decode_s > 0 else None,
+               "collectives_per_step": {k: (v - self._before.get(k, 0)) / steps for k, v in comm.counts.items()
+                                        if v != self._before.get(k, 0)} if steps else {}}
+        self.runs.append(run)
+        return run
+
+    def slowest_rank(self, value: float) -> float:
+        """The largest of ``value`` over the ranks (a collective: every rank calls it)."""
+        import torch
+        t = torch.tensor([value], dtype=torch.float64)
+        return float(self.comm.all_gather(t, "the benchmark's timings", dim=0).max())
 
 
 def measure(run_once: Callable[[TokenClock], None], sync: Callable[[], None], *, warmup: int, repeat: int,

@@ -89,7 +89,24 @@ def stamp_lines(doc: dict) -> list[str]:
         f"Python {sw['python']}; {hw['os']}",
         f"run at {doc['created_utc']}; system load (1/5/15 min) at start {_load_text(load['start'])}, at end "
         f"{_load_text(load['end'])}{busy}",
-    ]
+    ] + tensor_parallel_lines(doc)
+
+
+def tensor_parallel_lines(doc: dict) -> list[str]:
+    """A tensor-parallel run's size and transport, and each setting's collectives' share of decode."""
+    tp = doc.get("tensor_parallel")
+    if not tp:
+        return []
+    lines = [f"tensor parallel: {tp['size']} ranks over {tp['transport']} (launched by {tp['launcher']}), "
+             f"{tp['threads_per_rank']} thread(s) per rank; every rank ran each setting in lockstep, rank 0 reports"]
+    for r in doc.get("results", []):
+        t = r.get("tensor_parallel")
+        if r.get("status") == "ok" and t:
+            lines.append(f"{r['id']}: collectives {_fmt(t['decode_comm_s_per_step'], '.2f', 1e3)} ms per decode "
+                         f"step, {_fmt(t['decode_comm_share'], '.1f', 100)}% of decode on rank 0 "
+                         f"({_fmt(t['decode_comm_share_slowest_rank'], '.1f', 100)}% on the slowest rank); per step "
+                         + ", ".join(f"{v:g} {k}" for k, v in sorted(t["collectives_per_decode_step"].items())))
+    return lines
 
 
 def competing_load(doc: dict) -> float | None:

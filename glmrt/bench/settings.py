@@ -30,6 +30,9 @@ class BenchConfig:
     threads: int = 1
     seed: int = 0
     out: str | None = None
+    # N: every rank of a torchrun group of N runs the glmrt settings in lockstep (glmrt.shard),
+    # in its own process (no worker processes: they could not join the group); rank 0 reports.
+    tensor_parallel: int | None = None
 
     def command(self) -> str:
         """The full command, every option explicit: running it repeats this run."""
@@ -43,7 +46,15 @@ class BenchConfig:
                   "--seed", str(self.seed)]
         if self.out:
             parts += ["--out", self.out]
+        if self.tensor_parallel is not None:
+            parts += ["--tensor-parallel", str(self.tensor_parallel)]
         return shlex.join(parts)
+
+    def launch_command(self) -> str:
+        """command() with its launcher: torchrun for a tensor-parallel run."""
+        if self.tensor_parallel is None:
+            return self.command()
+        return f"torchrun --nproc-per-node {self.tensor_parallel} -m {self.command()}"
 
 
 @dataclass(frozen=True)
@@ -108,12 +119,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if b not in BASELINE_CHOICES:
             raise ConfigError(f"unknown --baseline {b!r}: choose from {', '.join(BASELINE_CHOICES)} "
                               "(comma-separated for several)")
+    tp = getattr(args, "tensor_parallel", None)
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise ConfigError(f"--tensor-parallel must be a positive integer, got {tp}")
     return BenchConfig(
         model=model, layers=args.layers, backends=[b.lower() for b in _split_list(args.backends)] or ["all"],
         dtypes=_canonical_dtypes(_split_list(args.dtype)) or ["float32"],
         quantize=_canonical_quantize(_split_list(args.quantize)) or ["none"], baselines=baselines,
         batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat,
-        warmup=args.warmup, threads=threads, seed=args.seed, out=args.out)
+        warmup=args.warmup, threads=threads, seed=args.seed, out=args.out, tensor_parallel=tp)
 
 
 def describe_model(spec: str, layers: int | None):
@@ -232,6 +246,11 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
         except Exception as exc:  # noqa: BLE001 - a third-party backend must not break the run
             skipped.append({"setting": f"backend {name}", "reason": f"{type(exc).__name__}: {exc}"})
             continue
+        if cfg.tensor_parallel is not None:
+            why = _tensor_parallel_refusal(backend, settings)
+            if why:
+                skipped.append({"setting": f"backend {name}", "reason": why})
+                continue
         for dtype in cfg.dtypes:
             if parse_dtype(dtype) not in supported:
                 skipped.append({"setting": f"{name}/{dtype}", "reason": f"backend {name} does not run {dtype}"})
@@ -241,6 +260,10 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
                 device_dtypes[device].append(dtype)
             for quant in cfg.quantize:
                 settings.append(Setting("glmrt", name, device, dtype, quant))
+    if cfg.tensor_parallel is not None:  # a baseline is one process: it has no tensor-parallel run
+        skipped += [{"setting": f"{b} baseline", "reason": "baselines run in one process; bench them without "
+                     "--tensor-parallel"} for b in cfg.baselines if b != "none"]
+        return settings, skipped
     baselines, baseline_skips = resolve_baselines(cfg.baselines, model_cfg)
     skipped += baseline_skips
     for runner in baselines:
@@ -253,6 +276,22 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
             for dtype in dtypes:
                 settings.append(Setting(runner, None, device, dtype, "none"))
     return settings, skipped
+
+
+def _tensor_parallel_refusal(backend, settings: list[Setting]) -> str | None:
+    """Why a backend cannot take part in a tensor-parallel bench run (None: it can). All settings
+    of one run share the process group, so they share its transport."""
+    from ..backends import get_backend
+    transport = backend.capabilities().collective_backend
+    if transport is None:
+        return f"backend {backend.name} declares no collective backend, so it cannot run tensor-parallel"
+    first = next((s.backend for s in settings), None)
+    if first is not None:
+        have = get_backend(first).capabilities().collective_backend
+        if have != transport:
+            return (f"backend {backend.name} moves tensors with {transport}, but this run's process group is "
+                    f"{have} (backend {first}): bench one transport per torchrun launch (--backends {backend.name})")
+    return None
 
 
 def prompt_ids(vocab_size: int, batch: int, length: int, seed: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .baselines import EagerRunner, TransformersRunner
 from .machine import device_copy_bandwidth, load_average, published_bandwidth
-from .metrics import (RunTiming, TokenClock, _log, decode_traffic, device_peak_bytes, full_depth_estimate,
+from .metrics import (CollectiveClock, RunTiming, TokenClock, _log, decode_traffic, device_peak_bytes, full_depth_estimate,
                       logit_drift, measure, peak_memory_note, reset_peak_memory, summarize_timings)
 from .settings import Setting, weights_source
 
@@ -112,17 +112,27 @@ def _task_glmrt(task: dict) -> dict:
     s = task["setting"]
     label = Setting(**s).id
     t0 = time.perf_counter()
+    tp = task.get("tensor_parallel")
     model = glmrt.load(task["model"], backend=s["backend"], dtype=s["dtype"], layers=task["layers"],
-                       quantize=None if s["quantize"] == "none" else s["quantize"], progress=True)
+                       quantize=None if s["quantize"] == "none" else s["quantize"], progress=True,
+                       tensor_parallel=tp)
     load_s = time.perf_counter() - t0
     _log(f"  {label}: loaded in {load_s:.1f} s ({model.weight_bytes() / 2**20:.1f} MiB of weights)")
     backend = model.backend
     load_peak = backend.memory_stats().get("peak_bytes")
     prompt = torch.tensor(task["prompt_ids"], dtype=torch.long)
 
+    collectives = CollectiveClock(model.comm) if model.comm is not None else None
+
     def run_once(clock: TokenClock) -> None:
+        if collectives is not None:
+            collectives.start()
         for token in model.stream(prompt, max_new_tokens=task["gen_len"], eos_token_id=NO_EOS):
             clock.tick(token)
+            if collectives is not None and len(clock.times) == 1:
+                collectives.first_token()
+        if collectives is not None:
+            collectives.stop(clock.times[-1] - clock.times[0], len(clock.times) - 1)
 
     was_reset = reset_peak_memory(model.device.type)
     load_before = load_average()
@@ -131,7 +141,9 @@ def _task_glmrt(task: dict) -> dict:
     system_load = _system_load(load_before, load_average())
     peak = {"bytes": backend.memory_stats().get("peak_bytes"), "load_peak_bytes": load_peak,
             "what": peak_memory_note(model.device.type, was_reset)}
-    drift = logit_drift(model.logits(prompt), torch.load(task["reference_logits"]))
+    logits = model.logits(prompt)  # under tensor parallelism a collective call: every rank makes it
+    # The reference is on rank 0 only (its process computed it): the other ranks report nothing.
+    drift = logit_drift(logits, torch.load(task["reference_logits"])) if task["reference_logits"] else None
     if getattr(model, "onnx_manifest", None) is not None:  # the weights live in the session: count the graph's
         from ..api import prepare
         q = model.onnx_manifest.get("quantization")
@@ -142,12 +154,31 @@ def _task_glmrt(task: dict) -> dict:
     else:
         traffic = decode_traffic(model.graph, model.weights, task["batch"], task["prompt_len"], task["gen_len"])
     result = _setting_metrics(task, timings, traffic, drift, peak)
+    if collectives is not None:
+        result["tensor_parallel"] = tensor_parallel_metrics(model.comm, collectives, task["repeat"])
     described = backend.describe()
     result.update(status="ok", label=f"glmrt on {backend.name}", load_s=load_s, weight_bytes=model.weight_bytes(),
                   system_load=system_load,
                   plan=_plan_summary(model.plan), native=described.get("native"),
                   torch_threads=torch.get_num_threads(), generated_ids=tokens)
     return result
+
+
+def tensor_parallel_metrics(comm, collectives: CollectiveClock, repeat: int) -> dict:
+    """What a tensor-parallel setting records beyond the single-process metrics: the size, the
+    transport and the collectives' share of the timed runs' decode steps (rank 0's, and the
+    slowest rank's collective time). A collective call: every rank makes it."""
+    timed = collectives.runs[-repeat:]
+    comm_s = sum(r["comm_s"] for r in timed)
+    decode_s = sum(r["decode_s"] for r in timed)
+    steps = sum(r["decode_steps"] for r in timed)
+    return {"size": comm.size, "transport": comm.transport,
+            "decode_comm_s_per_step": comm_s / steps if steps else None,
+            "decode_comm_share": comm_s / decode_s if decode_s > 0 else None,
+            "decode_comm_share_slowest_rank": (collectives.slowest_rank(comm_s) / decode_s if decode_s > 0 else None),
+            "collectives_per_decode_step": timed[-1]["collectives_per_step"] if timed else {},
+            "what": "wall time inside all_reduce / all_gather during the timed runs' decode steps (waiting for "
+                    "the slower rank included), over their decode time; peak memory and bytes per step are rank 0's"}
 
 
 def _task_baseline(task: dict) -> dict:
@@ -189,22 +220,25 @@ WORKER_TASKS = {"reference": _task_reference, "device_bandwidth": _task_device_b
                 "glmrt": _task_glmrt, "baseline": _task_baseline}
 
 
+def run_in_process(task: dict) -> dict:
+    """Run one task in this process; a failure is its result (the caller records it and goes on)."""
+    try:
+        return WORKER_TASKS[task["kind"]](task)
+    except Exception as exc:  # noqa: BLE001 - the parent records the failure and goes on
+        traceback.print_exc(file=sys.stderr)
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
 def worker_main(task_path: str, result_path: str) -> int:
     """Entry point of a worker process: run one task, write its result as JSON."""
     import torch
     with open(task_path, encoding="utf-8") as f:
         task = json.load(f)
     torch.set_num_threads(int(task["threads"]))
-    try:
-        result = WORKER_TASKS[task["kind"]](task)
-        code = 0
-    except Exception as exc:  # noqa: BLE001 - the parent records the failure and goes on
-        traceback.print_exc(file=sys.stderr)
-        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        code = 1
+    result = run_in_process(task)
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
-    return code
+    return 0 if result.get("status") == "ok" else 1
 
 
 def _worker_env(threads: int) -> dict:
