@@ -19,6 +19,14 @@ allocated once. Each :meth:`Engine.step`:
 Decoding slots are kept in rows [0, n) of the cache (a finished request's slot is refilled by the
 last one, one copy of its cached keys), so a decode step reads one contiguous batch.
 
+Tensor parallelism (``glmrt serve --tensor-parallel N`` under torchrun): the engine of rank 0
+schedules; before each forward it sends the other ranks a :class:`StepPlan` (the KV-cache row
+copies it made since its previous forward, then the forward's inputs), and every other rank runs
+:func:`follow`, which replays each plan on its own shard of the model and cache, so the forwards'
+collectives match. Sampling stays on rank 0 (every rank has the gathered logits; the others drop
+them). An idle rank 0 sends a keep-alive plan, and a "stop" plan when it stops; a follower that
+hears nothing within the process group's timeout (rank 0 died) ends with an error that says so.
+
 Batch invariance: chunk boundaries are fixed per request and the decode step runs with
 ``ForwardContext.row_invariant``, so on the CPU with float32 a request's tokens are bit for bit the
 same whatever it is batched with (the native attention reads each row's own key count, the float
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -48,6 +57,31 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 class QueueFullError(GLMRTError):
     """The engine's waiting queue is full: retry later."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One forward of the engine as rank 0 runs it, for the other tensor-parallel ranks to run
+    the same (see :func:`follow`). ``copies``: the KV-cache row copies (src, dst, length) rank 0
+    made since its previous plan, in order, applied first. ``kind``:
+
+    - "prefill": prompt tokens [start, stop) of the request in ``slot`` (``prompt``: its whole
+      prompt, from which a follower rebuilds the positions and mask as rank 0 did);
+    - "decode": one batched decode of rows [0, len(tokens)): each row's fed token, its positions
+      ((n, 1), or (n, 2, 1) for 2-D RoPE) and its cache position;
+    - "idle": nothing to run (a keep-alive within the process group's timeout);
+    - "stop": rank 0 stopped serving; the follower returns.
+    """
+
+    kind: str
+    copies: tuple[tuple[int, int, int], ...] = ()
+    slot: int = 0
+    prompt: tuple[int, ...] = ()
+    start: int = 0
+    stop: int = 0
+    tokens: tuple[int, ...] = ()
+    positions: torch.Tensor | None = None
+    cache_positions: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -140,6 +174,14 @@ class Engine:
         self.steps = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        # Tensor parallelism: rank 0 schedules and sends a StepPlan before each forward; the other
+        # ranks' engines only replay them (follow()).
+        comm = model.comm
+        self._comm = comm
+        self.leader = comm is None or comm.rank == 0
+        self._pending_copies: list[tuple[int, int, int]] = []
+        self._last_sent = time.monotonic()
+        self._keepalive_s = max(0.5, min(10.0, comm.timeout_s / 4)) if comm is not None else None
 
     # ------------------------------------------------------------------ submitting
     def submit(self, request: Request) -> Request:
@@ -165,6 +207,9 @@ class Engine:
             raise InputError(f"prompt ({len(prompt)} tokens) plus max_new_tokens ({n}) is {len(prompt) + n} tokens, "
                              f"more than the {self.max_len} positions of a slot: shorten the prompt or ask for fewer "
                              "tokens")
+        if not self.leader:
+            raise InputError(f"this engine is tensor-parallel rank {self._comm.rank}: requests go to rank 0, whose "
+                             "engine schedules for all ranks (the others run glmrt.engine.follow)")
         request.prompt = prompt
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         request._layout = self.model._layout(ids, torch.ones_like(ids))  # raises InputError for a bad prefix prompt
@@ -201,6 +246,9 @@ class Engine:
         """Run steps on a thread of the engine's own until :meth:`stop`."""
         if self._thread is not None:
             return
+        if not self.leader:
+            raise InputError(f"tensor-parallel rank {self._comm.rank} does not schedule: run glmrt.engine.follow(engine) "
+                             "on it, and start the engine of rank 0")
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="glmrt-engine", daemon=True)
         self._thread.start()
@@ -216,13 +264,32 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.has_work():
-                    self._wake.wait(1.0)
+                if not self._stopping and not self.has_work():
+                    self._wake.wait(1.0 if self._keepalive_s is None else min(1.0, self._keepalive_s))
                 if self._stopping:
                     break
-            self.step()
+                work = self.has_work()
+            if work:
+                self.step()
+            elif self._comm is not None and time.monotonic() - self._last_sent >= self._keepalive_s:
+                self._send(StepPlan("idle"))
+        if self._comm is not None:
+            try:
+                self._send(StepPlan("stop"))
+            except GLMRTError as exc:  # the followers are gone already: nothing left to tell them
+                print(f"glmrt engine: could not tell the other ranks to stop: {exc}", file=sys.stderr, flush=True)
         for request in self._all_requests():
             self._finish(request, "cancelled")
+
+    def _send(self, plan: StepPlan) -> None:
+        """Rank 0: hand the other ranks the next forward (with the cache copies made before it)."""
+        if self._comm is None:
+            return
+        if self._pending_copies:
+            plan = dataclasses.replace(plan, copies=tuple(self._pending_copies))
+            self._pending_copies.clear()
+        self._comm.broadcast_object(plan, "the serving engine's next step (rank 0 to the others)")
+        self._last_sent = time.monotonic()
 
     def _all_requests(self) -> list[Request]:
         with self._lock:
@@ -292,13 +359,16 @@ class Engine:
                     self._sample(request)
 
     def _prefill_chunk(self, request: Request, start: int, stop: int) -> torch.Tensor:
+        self._send(StepPlan("prefill", slot=request.slot, prompt=tuple(request.prompt), start=start, stop=stop))
+        return self._run_prefill(request.slot, request.prompt, request._layout, start, stop)
+
+    def _run_prefill(self, slot: int, prompt: list[int], layout, start: int, stop: int) -> torch.Tensor:
         model = self.model
-        ids = torch.tensor([request.prompt[start:stop]], dtype=torch.long, device=self.device)  # (1, t)
-        layout = request._layout
+        ids = torch.tensor([prompt[start:stop]], dtype=torch.long, device=self.device)  # (1, t)
         key_valid = torch.ones(1, stop, dtype=torch.bool, device=self.device)
         allowed = layout.allowed(model._causal_allowed(key_valid, stop - start, start), key_valid)  # (1, 1, t, stop)
         ctx = ForwardContext(positions=layout.positions[..., start:stop], allowed=allowed,
-                             cache=self.cache.rows(request.slot, request.slot + 1), cache_pos=start, last_only=True)
+                             cache=self.cache.rows(slot, slot + 1), cache_pos=start, last_only=True)
         return execute(model.plan, ctx, ids)[:, -1]  # (1, V)
 
     # ------------------------------------------------------------------ decode
@@ -307,17 +377,13 @@ class Engine:
         rows = [r for r in self._slots[:n]]
         if not rows:
             return
-        cfg_2d = self.model.config.rope_kind == "2d"
-        tokens = torch.tensor([[r.tokens[r.fed]] for r in rows], dtype=torch.long, device=self.device)  # (n, 1)
+        fed = [r.tokens[r.fed] for r in rows]
         positions = torch.cat([r._layout.generated_positions(r.fed) for r in rows])  # (n, 1) or (n, 2, 1)
-        cache_pos = torch.tensor([len(r.prompt) + r.fed for r in rows], dtype=torch.long, device=self.device)  # (n,)
-        S = int(cache_pos.max()) + 1
-        allowed = (torch.arange(S, device=self.device)[None, :] <= cache_pos[:, None])[:, None, None, :]  # (n,1,1,S)
-        assert positions.shape[0] == n and (positions.dim() == 3) == cfg_2d
-        ctx = ForwardContext(positions=positions, allowed=allowed, cache=self.cache.rows(0, n),
-                             cache_positions=cache_pos, last_only=True, row_invariant=True)
+        cache_positions = [len(r.prompt) + r.fed for r in rows]
         try:
-            logits = execute(self.decode_plan, ctx, tokens)[:, -1]  # (n, V)
+            self._send(StepPlan("decode", tokens=tuple(fed), positions=positions.cpu(),
+                                cache_positions=tuple(cache_positions)))
+            logits = self._run_decode(fed, positions, cache_positions)  # (n, V)
         except Exception as exc:  # noqa: BLE001 - every request in the step fails; the engine goes on
             for request in rows:
                 self._release(request, "error", exc)
@@ -331,6 +397,39 @@ class Engine:
             request._logits = logits[i:i + 1]
         for i, request in enumerate(rows):
             self._sample(request, picks.get(i))
+
+    def _run_decode(self, fed: Sequence[int], positions: torch.Tensor, cache_positions: Sequence[int]) -> torch.Tensor:
+        """One batched decode of rows [0, n): logits (n, V)."""
+        n = len(fed)
+        tokens = torch.tensor([[t] for t in fed], dtype=torch.long, device=self.device)  # (n, 1)
+        positions = positions.to(self.device)  # (n, 1) or (n, 2, 1)
+        cache_pos = torch.tensor(list(cache_positions), dtype=torch.long, device=self.device)  # (n,)
+        S = int(cache_pos.max()) + 1
+        allowed = (torch.arange(S, device=self.device)[None, :] <= cache_pos[:, None])[:, None, None, :]  # (n,1,1,S)
+        assert positions.shape[0] == n and (positions.dim() == 3) == (self.model.config.rope_kind == "2d")
+        ctx = ForwardContext(positions=positions, allowed=allowed, cache=self.cache.rows(0, n),
+                             cache_positions=cache_pos, last_only=True, row_invariant=True)
+        return execute(self.decode_plan, ctx, tokens)[:, -1]  # (n, V)
+
+    def replay(self, plan: StepPlan) -> None:
+        """A follower rank: run rank 0's plan on this rank's shard (the logits are dropped: rank 0
+        samples). A failure of the forward itself is rank 0's too (it fails the same requests);
+        a failed collective raises."""
+        for src, dst, length in plan.copies:
+            self._copy_slot(src, dst, length)
+        try:
+            if plan.kind == "prefill":
+                ids = torch.tensor([list(plan.prompt)], dtype=torch.long, device=self.device)
+                layout = self.model._layout(ids, torch.ones_like(ids))
+                self._run_prefill(plan.slot, list(plan.prompt), layout, plan.start, plan.stop)
+            elif plan.kind == "decode":
+                self._run_decode(plan.tokens, plan.positions, plan.cache_positions)
+        except GLMRTError as exc:
+            from .distributed import DistributedError
+            if isinstance(exc, DistributedError):
+                raise
+        except Exception:  # noqa: BLE001 - rank 0's forward failed alike and fails its requests
+            pass
 
     def _sample(self, request: Request, token: int | None = None) -> None:
         """Sample the next token from request._logits (unless the caller already took the greedy
@@ -364,6 +463,8 @@ class Engine:
 
     # ------------------------------------------------------------------ slots
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
+        if self._comm is not None and self.leader:  # the other ranks copy their shard's rows alike
+            self._pending_copies.append((src, dst, length))
         for keys, values in zip(self.cache.k, self.cache.v):  # (B + 1, nkv, max_len, hd)
             keys[dst, :, :length].copy_(keys[src, :, :length])
             values[dst, :, :length].copy_(values[src, :, :length])
@@ -471,3 +572,27 @@ def per_row_plan(plan: Plan) -> Plan:
             weights[pname] = step.params[role]
     return lower(graph.replace_nodes(nodes), plan.backend, weights, strict=plan.strict, kernels=plan.kernels,
                  comm=plan.comm)
+
+
+def follow(engine: Engine) -> None:
+    """The loop of every tensor-parallel rank but 0 under ``glmrt serve``: receive each
+    :class:`StepPlan` rank 0 sends and replay it on this rank's shard, until rank 0 sends "stop".
+    Rank 0 sends at least a keep-alive within the process group's timeout, so hearing nothing for
+    that long means it died or hangs: a DistributedError that says so (never a silent wait)."""
+    from .distributed import DistributedError
+    comm = engine._comm
+    if comm is None or comm.rank == 0:
+        raise InputError("follow() runs on the tensor-parallel ranks other than 0 of a sharded model")
+    while True:
+        try:
+            plan = comm.broadcast_object(None, "the serving engine's next step (rank 0 to the others)")
+        except DistributedError as exc:
+            raise DistributedError(f"rank {comm.rank} of {comm.size} lost rank 0 of `glmrt serve` (it died, hangs, or "
+                                   f"its process group broke; nothing came within {comm.timeout_s:g} s): {exc}") from exc
+        if not isinstance(plan, StepPlan):
+            raise DistributedError(f"rank {comm.rank} of {comm.size} received {type(plan).__name__} from rank 0 instead "
+                                   "of an engine step: every rank must run the same `glmrt serve` command")
+        if plan.kind == "stop":
+            return
+        with torch.inference_mode():
+            engine.replay(plan)

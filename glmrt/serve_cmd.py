@@ -22,24 +22,32 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
-    p.add_argument("--tensor-parallel", type=int, default=1,
-                   help="not available in serve yet (glmrt run and the Python API take it under torchrun)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="serve as one of N tensor-parallel ranks, under `torchrun --nproc-per-node N -m glmrt serve "
+                        "MODEL --tensor-parallel N`: rank 0 runs the HTTP server and the scheduler, the other ranks "
+                        "replay each engine step on their shard")
+    p.add_argument("--distributed-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a tensor-parallel rank waits for the others before it fails with an error; an idle "
+                        "rank 0 sends a keep-alive well within it (default: 300)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args) -> int:
-    if args.tensor_parallel != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise GLMRTError("glmrt serve --tensor-parallel is not available yet: the server's engine schedules requests "
-                         "in one process, and under tensor parallelism every rank would have to take the same "
-                         "scheduling steps (rank 0 serving HTTP and sending each step to the others), which is not "
-                         "built. Serve on one device, or run tensor-parallel with `torchrun --nproc-per-node N -m "
-                         "glmrt run MODEL --tensor-parallel N` or glmrt.load(..., tensor_parallel=N) in a script")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if args.tensor_parallel is None and world > 1:
+        raise GLMRTError(f"torchrun started {world} processes but --tensor-parallel is not given: pass "
+                         f"--tensor-parallel {world}")
     for name in ("max_batch", "port", "max_waiting"):
         if getattr(args, name) < 1:
             raise GLMRTError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.tensor_parallel is not None and args.tensor_parallel < 1:
+        raise GLMRTError(f"--tensor-parallel must be a positive integer, got {args.tensor_parallel}")
+    if not args.distributed_timeout > 0:
+        raise GLMRTError(f"--distributed-timeout must be a positive number of seconds, got {args.distributed_timeout}")
     from .server import serve
     return serve(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize, layers=args.layers,
                  host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
                  max_waiting=args.max_waiting, served_model_name=args.served_model_name, strict=args.strict,
-                 log_level=args.log_level)
+                 log_level=args.log_level, tensor_parallel=args.tensor_parallel,
+                 distributed_timeout=args.distributed_timeout)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sys
 import threading
@@ -662,17 +663,39 @@ class _NoText:
         return []
 
 
+def _follow_rank_zero(loader, max_batch: int, max_len: int | None) -> int:
+    """A tensor-parallel rank other than 0: load this rank's shard, build the same engine (the same
+    slots and cache shape as rank 0's) and replay rank 0's steps until it stops."""
+    from .engine import Engine, follow
+    model = loader()
+    engine = Engine(model, max_batch=max_batch, max_len=max_len)
+    comm = model.comm
+    print(f"glmrt serve: rank {comm.rank} of {comm.size} ready, following rank 0's engine over {comm.transport}",
+          file=sys.stderr, flush=True)
+    follow(engine)
+    print(f"glmrt serve: rank {comm.rank} of {comm.size}: rank 0 stopped serving; exiting", file=sys.stderr, flush=True)
+    return 0
+
+
 def serve(model_spec: str, *, backend: str = "auto", dtype=None, quantize=None, layers=None, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
-          served_model_name: str | None = None, strict: bool = False, log_level: str = "warning") -> int:
-    """Load ``model_spec`` (on a thread, while /health says 503) and serve it until interrupted."""
+          served_model_name: str | None = None, strict: bool = False, log_level: str = "warning",
+          tensor_parallel: int | None = None, distributed_timeout: float = 300.0) -> int:
+    """Load ``model_spec`` (on a thread, while /health says 503) and serve it until interrupted.
+
+    ``tensor_parallel``: N under torchrun. Rank 0 serves HTTP and its engine schedules; every
+    other rank loads its shard and replays rank 0's engine steps (glmrt.engine.follow) until
+    rank 0 stops (or dies: then within ``distributed_timeout`` seconds, with an error)."""
     if _IMPORT_ERROR is not None:
         raise GLMRTError(f"glmrt serve needs FastAPI and uvicorn ({_IMPORT_ERROR}); run `pip install glmrt[serve]`")
     from .api import load
 
     def loader():
         return load(model_spec, backend=backend, dtype=dtype, quantize=quantize, layers=layers, strict=strict,
-                    progress=False)
+                    progress=False, tensor_parallel=tensor_parallel, distributed_timeout=distributed_timeout)
+
+    if tensor_parallel is not None and int(os.environ.get("RANK", "0") or 0) != 0:
+        return _follow_rank_zero(loader, max_batch, max_len)
 
     app = create_app(served_model_name or model_spec, loader, max_batch=max_batch, max_len=max_len,
                      max_waiting=max_waiting)

@@ -457,9 +457,13 @@ def test_a_fault_mid_stream_ends_the_stream_with_an_error_event():
         assert engine.snapshot()["slots_used"] == 0
 
 
-def test_serve_refuses_tensor_parallel_for_now():
+def test_serve_under_several_processes_needs_tensor_parallel():
+    """torchrun started 2 processes but --tensor-parallel is missing: refused at once, saying what to
+    pass (the tensor-parallel server itself: tests/tp/test_tp_serve.py)."""
+    import os
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "glmrt", "serve", "synthetic:chatglm3-6b", "--tensor-parallel", "2"],
-                         capture_output=True, text=True, timeout=120, cwd="/")
-    assert out.returncode == 2 and "--tensor-parallel is not available yet" in out.stderr
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    out = subprocess.run([sys.executable, "-m", "glmrt", "serve", "synthetic:chatglm3-6b"],
+                         capture_output=True, text=True, timeout=120, cwd="/", env=env)
+    assert out.returncode == 2 and "pass --tensor-parallel 2" in out.stderr
