@@ -110,6 +110,22 @@ class Communicator:
             return box[0]
         return self._run("broadcast", what, run)
 
+    def gather_objects(self, obj, what: str = "an object", kind: str = "gather_object") -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (any transport: nccl
+        carries them through the device). Counted as ``kind``, apart from the model's collectives."""
+        dist = self._ops()
+
+        def run():
+            parts = [None] * self.size
+            dist.all_gather_object(parts, obj, group=self.group)
+            return parts
+        return self._run(kind, what, run)
+
+    def agree(self, value: int, what: str = "a check") -> list[int]:
+        """Every rank's ``value`` (an integer), in rank order: the ranks compare what they are about
+        to run (counted as "agree")."""
+        return [int(v) for v in self.gather_objects(int(value), what, kind="agree")]
+
     def shared_seed(self) -> int:
         """A random seed drawn on rank 0 and sent to every rank (sampling without a seed must still
         draw the same token everywhere)."""

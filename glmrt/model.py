@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import numbers
 import threading
@@ -64,6 +66,10 @@ class Model:
         # threads are serialized by one lock (kernels and graph replays may share scratch state);
         # whole generations are not, so threads interleave step by step.
         self._forward_lock = threading.Lock()
+        # Under tensor parallelism step-by-step interleaving would pair one thread's collectives with
+        # another's on the other ranks: a whole call (logits, a generation) holds this lock, and the
+        # ranks check that they start the same call (_tensor_parallel_call).
+        self._call_lock = threading.RLock()
         self._pool_lock = threading.Lock()
         self._idle_decoder: tuple | None = None  # (key, decoder) kept for reuse, or None
 
@@ -201,8 +207,40 @@ class Model:
         self._check_length(ids.shape[1])
         layout = self._layout(ids, mask)
         ctx = ForwardContext(positions=layout.positions, allowed=layout.allowed(self._causal_allowed(mask, ids.shape[1], 0), mask))
-        with self._forward_lock:
+        with self._tensor_parallel_call("logits", ids, mask), self._forward_lock:
             return execute(self.plan, ctx, ids).float()
+
+    @contextlib.contextmanager
+    def _tensor_parallel_call(self, what: str, *key):
+        """Under tensor parallelism: hold the model for a whole call (one call at a time per rank),
+        and check with the other ranks that they start the same call (``key``: its inputs), so two
+        threads that share the model either run in the same order on every rank or fail with an
+        error, never pair one call's collectives with another's. A no-op in one process."""
+        comm = self.comm
+        if comm is None:
+            yield
+            return
+        from .distributed import DistributedError
+        if not self._call_lock.acquire(timeout=comm.timeout_s):
+            raise DistributedError(f"tensor-parallel rank {comm.rank}: {what} waited {comm.timeout_s:g} s for another "
+                                   "call on this model (a tensor-parallel model runs one call at a time): finish or "
+                                   "close the other generation first")
+        try:
+            digest = hashlib.blake2b(repr((what,) + tuple(
+                k.cpu().numpy().tobytes() if isinstance(k, torch.Tensor) else k for k in key)).encode(),
+                digest_size=8).digest()
+            mine = int.from_bytes(digest, "little", signed=True)
+            seen = comm.agree(mine, f"the start of {what}")
+            if any(v != mine for v in seen):
+                raise DistributedError(
+                    f"tensor-parallel rank {comm.rank}: the ranks started different calls ({what} here; fingerprints "
+                    f"{seen}): every rank must make the same calls in the same order. Threads that share a "
+                    "tensor-parallel model run one call at a time on each rank in the order they take its lock, "
+                    "which must then be the same on every rank; use one thread, or glmrt serve (rank 0 orders "
+                    "the requests)")
+            yield
+        finally:
+            self._call_lock.release()
 
     @torch.inference_mode()
     def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
@@ -216,9 +254,6 @@ class Model:
         generated (text generation passes the tokenizer's vocabulary size: GLM-4's 151552
         outputs, for instance, end in 209 padded ids that no text has)."""
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
-        if self.comm is not None and do_sample and seed is None:
-            # Every rank must draw the same token: rank 0 picks the seed for all of them.
-            params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, self.comm.shared_seed())
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
@@ -241,10 +276,18 @@ class Model:
         return self._stream(ids, mask, max_new_tokens, params, eos, pad, vocab_limit)
 
     def _stream(self, ids, mask, max_new_tokens, params, eos, pad, vocab_limit):
-        B, T = ids.shape
-        total = T + max_new_tokens
         if max_new_tokens == 0:
             return
+        with self._tensor_parallel_call("a generation", ids, mask, max_new_tokens, params, eos, pad, vocab_limit):
+            if self.comm is not None and params.do_sample and params.seed is None:
+                # Every rank must draw the same token: rank 0 picks the seed for all of them.
+                import dataclasses
+                params = dataclasses.replace(params, seed=self.comm.shared_seed())
+            yield from self._generate_steps(ids, mask, max_new_tokens, params, eos, pad, vocab_limit)
+
+    def _generate_steps(self, ids, mask, max_new_tokens, params, eos, pad, vocab_limit):
+        B, T = ids.shape
+        total = T + max_new_tokens
         eos_t = torch.tensor(eos if eos else [-1], device=self.device)
         generator = None
         if params.seed is not None:

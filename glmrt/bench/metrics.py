@@ -125,9 +125,7 @@ class CollectiveClock:
 
     def slowest_rank(self, value: float) -> float:
         """The largest of ``value`` over the ranks (a collective: every rank calls it)."""
-        import torch
-        t = torch.tensor([value], dtype=torch.float64)
-        return float(self.comm.all_gather(t, "the benchmark's timings", dim=0).max())
+        return max(float(v) for v in self.comm.gather_objects(float(value), "the benchmark's timings"))
 
 
 def measure(run_once: Callable[[TokenClock], None], sync: Callable[[], None], *, warmup: int, repeat: int,

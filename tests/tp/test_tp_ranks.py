@@ -127,7 +127,8 @@ def test_two_all_reduces_per_layer_plus_embedding_and_head(runs, size):
     for name in NAMES:
         layers = tp_cases.CASES[name].get("num_layers") or tp_cases.CASES[name]["num_hidden_layers"]
         counts = runs[size][0][name]["counts"]
-        steps = [{k: b.get(k, 0) - a.get(k, 0) for k in b} for a, b in zip(counts, counts[1:])]
+        steps = [{k: b.get(k, 0) - a.get(k, 0) for k in b if b.get(k, 0) != a.get(k, 0)}
+                 for a, b in zip(counts, counts[1:])]
         assert len(steps) == tp_cases.NEW_TOKENS - 1
         for step in steps:  # one cached decode step each
             assert step == {"all_reduce": 2 * layers + 1, "all_gather": 1}, (name, step)
@@ -201,3 +202,20 @@ def test_peak_host_memory_per_rank_is_about_the_rank_share(tmp_path):
         overhead = got["peak_bytes"] - got["weight_bytes"]
         assert overhead <= max(single_overhead, 0) + 0.05 * total, (rank, got, single_overhead)
         assert got["peak_bytes"] < 0.4 * peaks[1][0]["peak_bytes"], (rank, got, peaks[1][0])
+
+
+def test_two_threads_sharing_a_tensor_parallel_model(tmp_path):
+    """tp_worker.job_threads: two threads in the same order on every rank get the single-process
+    tokens; in a different order on each rank every call fails with an error naming the mismatch
+    (a whole call holds the model, and the ranks check they start the same call), and the model
+    works afterwards."""
+    from tp_worker import THREAD_PROMPTS
+    tp_cases.register()
+    single = glmrt.load("synthetic:tp-chatglm2", backend="cpu", dtype="float32", progress=False)
+    want = [single.generate([p], max_new_tokens=12, eos_token_id=[])[0, len(p):].tolist() for p in THREAD_PROMPTS]
+    results, logs = launch(2, tmp_path, ["threads"], JOB_TIMEOUT)
+    for rank, out in results.items():
+        assert out["ordered_a"] == want[0] and out["ordered_b"] == want[1], (rank, out, logs[rank][-2000:])
+        for key in ("crossed_0", "crossed_1"):
+            assert isinstance(out[key], str) and "the ranks started different calls" in out[key], (rank, out[key])
+        assert out["after"] == want[1]

@@ -52,6 +52,54 @@ def job_hang(size: int) -> dict:
     return {"error": None, "seconds": time.monotonic() - t0}
 
 
+THREAD_PROMPTS = ([5, 17, 42, 7, 99, 12, 250], [8, 3, 61])
+
+
+def job_threads(size: int) -> dict:
+    """Two threads share one tensor-parallel model. In order: thread A generates and, once its first
+    token is out, thread B starts a generation of its own (B waits for A's, the same order on every
+    rank): both must give their single-process tokens. Crossed: rank 0 starts A then B, the other
+    ranks B then A: every call must fail with an error, never return another call's tokens."""
+    import threading
+    model = glmrt.load("synthetic:tp-chatglm2", backend="cpu", dtype="float32", tensor_parallel=size,
+                       progress=False, distributed_timeout=30)
+    out = {}
+
+    def generate(key, prompt, started=None):
+        try:
+            tokens = []
+            for step in model.stream([prompt], max_new_tokens=12, eos_token_id=[]):
+                tokens.append(int(step[0]))
+                if started is not None:
+                    started.set()
+            out[key] = tokens
+        except glmrt.GLMRTError as exc:
+            out[key] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if started is not None:
+                started.set()
+
+    a_started = threading.Event()
+    a = threading.Thread(target=generate, args=("ordered_a", THREAD_PROMPTS[0], a_started))
+    a.start()
+    a_started.wait(60)
+    b = threading.Thread(target=generate, args=("ordered_b", THREAD_PROMPTS[1]))
+    b.start()
+    a.join(60)
+    b.join(60)
+    first, second = (0, 1) if model.comm.rank == 0 else (1, 0)
+    t1 = threading.Thread(target=generate, args=(f"crossed_{first}", THREAD_PROMPTS[first]))
+    t1.start()
+    time.sleep(1.0)  # t1 holds the model (it takes the lock before any collective) when t2 starts
+    t2 = threading.Thread(target=generate, args=(f"crossed_{second}", THREAD_PROMPTS[second]))
+    t2.start()
+    t1.join(90)
+    t2.join(90)
+    # After the failures the model still serves a call every rank makes.
+    generate("after", THREAD_PROMPTS[1])
+    return out
+
+
 RSS_FIELD = os.environ.get("TP_RSS_FIELD", "VmRSS:")
 
 
@@ -114,6 +162,8 @@ def main() -> None:
         result = job_memory(size, sys.argv[3])
     elif job == "hang":
         result = job_hang(size)
+    elif job == "threads":
+        result = job_threads(size)
     else:
         raise SystemExit(f"unknown job {job}")
     torch.save(result, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
