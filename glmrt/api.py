@@ -23,7 +23,7 @@ from .models.common import WeightMap
 from .progress import Progress
 from .quant import (FORMAT_KEY, QuantizeOnLoad, QuantSpec, layout_from_entry, parse_format, quantizable_linears,
                     quantize_graph, quantize_graph_layout)
-from .shard import check_quantization, param_shards, shard_graph, shard_weights, tp_layout
+from .shard import check_quantization, param_shards, shard_graph, tp_layout
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 1234
@@ -231,14 +231,9 @@ def prepare(path_or_preset: str | os.PathLike, *, dtypes=None, backend_name: str
     (when asked) after sharding, slice by slice as they are read."""
     gguf_file = gguf_checkpoint.find_gguf(path_or_preset)
     if gguf_file is not None:  # a GGUF file, or a directory holding one (glmrt.gguf_checkpoint)
-        prep = gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
+        return gguf_checkpoint.prepare(gguf_file, dtypes=dtypes, backend_name=backend_name, dtype=dtype,
                                        layers=layers, quantize=quantize, token_ids=token_ids, progress=progress,
-                                       materialize=materialize, device=device)
-        if tensor_parallel is not None:
-            full = prep.graph
-            prep.graph = shard_graph(full, *tensor_parallel)
-            prep.weights = shard_weights(full, prep.weights, *tensor_parallel)
-        return prep
+                                       materialize=materialize, device=device, tensor_parallel=tensor_parallel)
     want_dtype = parse_dtype(dtype)
     quant_format = parse_format(quantize)
     spec = str(path_or_preset)

@@ -134,36 +134,58 @@ class GGUFFile:
         return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
 
     # ------------------------------------------------------------------ tensor data
-    def float_tensor(self, name: str) -> torch.Tensor:
+    # Each reader takes an optional slice (dim, start, stop) of the tensor it returns, in that
+    # tensor's own units, so a tensor-parallel rank copies only its part out of the file's map.
+    def float_tensor(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The values of a tensor: F32/F16/BF16 as stored, anything else dequantized by the gguf
         package to float32."""
         t = self.tensors[name]
         kind, shape = t.tensor_type.name, self.shape(name)
-        if kind in ("F32", "F16"):
-            return torch.from_numpy(np.array(t.data)).reshape(shape)
-        if kind == "BF16":
-            return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+        if kind in ("F32", "F16", "BF16"):
+            view = np.asarray(t.data)  # the file's map: nothing read yet
+            view = (view.view(np.int16) if kind == "BF16" else view).reshape(shape)
+            part = torch.from_numpy(np.array(_narrow(view, dim, start, stop)))
+            return part.view(torch.bfloat16) if kind == "BF16" else part
+        # Other types (k-quants): a row slice dequantizes the rank's rows only; a column slice
+        # dequantizes the whole tensor (this one tensor, transiently), then narrows.
+        rows = np.asarray(t.data).reshape(shape[0], -1) if len(shape) == 2 else None
+        if dim == 0 and rows is not None:
+            data, shape, dim = rows[start:stop], (len(range(shape[0])[start:stop]), shape[1]), None
+        else:
+            data = np.asarray(t.data)
         try:
-            values = self._gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            values = self._gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError as exc:
             raise CheckpointError(f"{self.path}: tensor {name} is {kind}, which the installed gguf package cannot "
                                   "dequantize; upgrade gguf") from exc
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        whole = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        return whole if dim is None else whole.narrow(dim, start, (stop if stop is not None else shape[dim]) - start)
 
-    def _blocks(self, name: str) -> tuple[np.ndarray, int, int]:
+    def _blocks(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None):
+        """The [rows, blocks, bytes] view of a Q8_0 / Q4_0 tensor, sliced by rows or by blocks."""
         t = self.tensors[name]
         n, k = self.shape(name)
-        return np.asarray(t.data).reshape(n, k // BLOCK, -1), n, k
+        blocks = _narrow(np.asarray(t.data).reshape(n, k // BLOCK, -1), dim, start, stop)
+        return blocks, blocks.shape[0], blocks.shape[1] * BLOCK
 
-    def block_scales(self, name: str) -> torch.Tensor:
-        """The fp16 ``d`` of each 32-wide block of a Q8_0 / Q4_0 tensor: [N, K / 32]."""
-        blocks, n, k = self._blocks(name)
+    def block_scales(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The fp16 ``d`` of each 32-wide block of a Q8_0 / Q4_0 tensor: [N, K / 32] (a slice of
+        it in those units)."""
+        blocks, n, k = self._blocks(name, dim, start, stop)
         return torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(n, k // BLOCK))
 
-    def block_values(self, name: str) -> torch.Tensor:
+    def block_values(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """glmrt's integer weights of a Q8_0 / Q4_0 tensor, so that value = q * d: Q8_0's int8 q as
-        they are, [N, K]; Q4_0's q = nibble - 8 packed glmrt's way, [N, K / 2] int8."""
-        blocks, n, k = self._blocks(name)
+        they are, [N, K]; Q4_0's q = nibble - 8 packed glmrt's way, [N, K / 2] int8 (a slice of it
+        in those units; a column slice that cuts a block reads the rows whole, then narrows)."""
+        per_block = BLOCK if self.type_name(name) == "Q8_0" else BLOCK // 2  # columns of the returned tensor
+        if dim == 1:
+            n, k = self.shape(name)
+            stop = (k if per_block == BLOCK else k // 2) if stop is None else stop
+            if start % per_block or stop % per_block:
+                return self.block_values(name).narrow(1, start, stop - start)
+            start, stop = start // per_block, stop // per_block
+        blocks, n, k = self._blocks(name, dim, start, stop)
         if self.type_name(name) == "Q8_0":
             return torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k))
         packed = blocks[..., 2:]  # [N, K/32, 16]: element j in the low nibble, element j + 16 in the high one
@@ -185,6 +207,14 @@ class GGUFFile:
                     ok = False
             self._dequantizable[kind] = ok
         return self._dequantizable[kind]
+
+
+def _narrow(array: np.ndarray, dim: int | None, start: int, stop: int | None) -> np.ndarray:
+    if dim is None:
+        return array
+    index = [slice(None)] * array.ndim
+    index[dim] = slice(start, stop)
+    return array[tuple(index)]
 
 
 class _GGUFTensors:
@@ -216,6 +246,15 @@ class _GGUFTensors:
         if name in self.exact:
             return self.file.block_values(name)
         return self.file.float_tensor(name)
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """``get(name).narrow(dim, start, stop - start)``, reading only that part (a tensor-parallel
+        rank's slice, glmrt.checkpoint.load_weights)."""
+        if name.endswith("_scale") and name.removesuffix("_scale") in self.exact:
+            return self.file.block_scales(name.removesuffix("_scale"), dim, start, stop)
+        if name in self.exact:
+            return self.file.block_values(name, dim, start, stop)
+        return self.file.float_tensor(name, dim, start, stop)
 
     def release(self, name: str) -> None:
         """As checkpoint.WeightFiles.release: ``get`` copied tensor ``name`` out of the file's
@@ -540,10 +579,12 @@ def plan_linears(file: GGUFFile, wmap, graph, quant_format: tuple[int, int] | No
 
 def prepare(path: Path, *, dtypes=None, backend_name: str = "cpu", dtype=None, layers: int | None = None,
             quantize: str | None = None, token_ids: dict | None = None, progress: bool = True,
-            materialize: bool = True, device=None):
+            materialize: bool = True, device=None, tensor_parallel: tuple[int, int] | None = None):
     """glmrt.api.prepare for a GGUF file: config, graph (quantized where the file is) and weights
     (on ``device``, None: the CPU), plus the tokenizer from the file's vocabulary. Tensors that are
-    re-quantized (k-quants with ``quantize``) are quantized one by one as they are read."""
+    re-quantized (k-quants with ``quantize``) are quantized one by one as they are read.
+    ``tensor_parallel=(size, rank)``: that rank's graph (glmrt.shard), each weight read as the
+    rank's slice (a column slice of a Q8_0 / Q4_0 weight in whole blocks), re-quantized after."""
     from . import checkpoint
     from .api import Prepared, _cut_layers, _MoveTo
     from .config import dtype_name, parse_dtype
@@ -573,18 +614,24 @@ def prepare(path: Path, *, dtypes=None, backend_name: str = "cpu", dtype=None, l
     if exact_layout:
         weight_of = {n.name: n.params["weight"] for n in float_graph.nodes if n.name in exact_layout}
         wmap.add_quant_scales(weight_of[n] for n in exact_layout)
-    final = quantize_graph_layout(graph, requant) if requant else graph
+    shards = None
+    local = graph
+    if tensor_parallel is not None:
+        from .shard import param_shards, shard_graph
+        shards = param_shards(graph, *tensor_parallel)
+        local = shard_graph(graph, *tensor_parallel)
+    final = quantize_graph_layout(local, requant) if requant else local
     tokenizer = family = None
     if not materialize:
         weights = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in final.params.items()}
     else:
-        place = QuantizeOnLoad(graph, final, device) if requant else (_MoveTo(device) if device is not None else None)
+        place = QuantizeOnLoad(local, final, device) if requant else (_MoveTo(device) if device is not None else None)
         bar = Progress(f"loading {path}" + (" and re-quantizing" if requant else ""), len(graph.params),
                        enabled=progress)
         try:
             expected = {n: (p.shape, p.dtype) for n, p in graph.params.items()}
             weights = checkpoint.load_weights(_GGUFTensors(file, exact_tensors), wmap, expected, progress=bar,
-                                              place=place)
+                                              place=place, shards=shards)
         finally:
             bar.close()
         if requant:

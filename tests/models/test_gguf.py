@@ -456,3 +456,43 @@ def test_first_generation_blocks_and_splits_are_refused(tmp_path):
     split = _small_gguf(tmp_path, "split.gguf", metadata={"split.count": 3, "split.no": 0})
     with pytest.raises(UnsupportedModelError, match=r"part 1 of a GGUF split in 3 files.*llama-gguf-split --merge"):
         glmrt.load(str(split), progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor parallelism: a rank reads its slices
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_K"])
+def test_a_tensor_parallel_rank_reads_only_its_slices(tmp_path, monkeypatch, qtype):
+    """prepare(..., tensor_parallel=(2, r)) gives exactly the rank's part of the whole load
+    (glmrt.shard.shard_weights of it; Q4_K re-quantized to INT4-g32 after slicing, on 32-aligned
+    cuts, so the same groups), and reads every split tensor through get_slice: only the
+    replicated norms are copied out of the file whole."""
+    from glmrt import gguf_checkpoint
+    from glmrt.api import prepare
+    from glmrt.shard import shard_graph, shard_weights
+    width = 256 if qtype == "Q4_K" else 128  # k-quant rows come in blocks of 256
+    config, sd = _case("glm4", seed=2, hidden_size=width, intermediate_size=width, head_dim=width // 4)
+    weights = dict(sd)
+    if qtype == "Q4_K":
+        for i, name in enumerate(n for n in sd if n.endswith("proj.weight")):
+            weights[name] = _random_blocks("Q4_K", *sd[name].shape, seed=i)
+    path = write_gguf(tmp_path / "m.gguf", config, weights, qtype="F32" if qtype == "Q4_K" else qtype,
+                      tokenizer=False)
+    quantize = "int4-g32" if qtype == "Q4_K" else None
+    whole_reads: list[str] = []
+    real_get = gguf_checkpoint._GGUFTensors.get
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LossyConversionWarning)
+        full = prepare(str(path), dtype="float32", quantize=quantize, progress=False)
+        monkeypatch.setattr(gguf_checkpoint._GGUFTensors, "get",
+                            lambda self, name: whole_reads.append(name) or real_get(self, name))
+        for rank in range(2):
+            whole_reads.clear()
+            part = prepare(str(path), dtype="float32", quantize=quantize, progress=False, tensor_parallel=(2, rank))
+            assert part.graph.nodes == shard_graph(full.graph, 2, rank).nodes
+            want = shard_weights(full.graph, full.weights, 2, rank)
+            assert set(want) == set(part.weights) == set(part.graph.params)
+            for name, value in want.items():
+                assert torch.equal(part.weights[name], value), (qtype, rank, name)
+            assert whole_reads and all("norm" in name for name in whole_reads), (qtype, rank, whole_reads)
