@@ -204,6 +204,7 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
                 names.append(name)
     settings: list[Setting] = []
     skipped: list[dict] = []
+    tensor_parallel = getattr(cfg, "tensor_parallel", None)
     device_dtypes: dict[str, list[str]] = {}
     for name in names:
         row = rows.get(name)
@@ -246,7 +247,7 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
         except Exception as exc:  # noqa: BLE001 - a third-party backend must not break the run
             skipped.append({"setting": f"backend {name}", "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        if cfg.tensor_parallel is not None:
+        if tensor_parallel is not None:
             why = _tensor_parallel_refusal(backend, settings)
             if why:
                 skipped.append({"setting": f"backend {name}", "reason": why})
@@ -260,7 +261,7 @@ def plan_settings(cfg: BenchConfig, model_cfg) -> tuple[list[Setting], list[dict
                 device_dtypes[device].append(dtype)
             for quant in cfg.quantize:
                 settings.append(Setting("glmrt", name, device, dtype, quant))
-    if cfg.tensor_parallel is not None:  # a baseline is one process: it has no tensor-parallel run
+    if tensor_parallel is not None:  # a baseline is one process: it has no tensor-parallel run
         skipped += [{"setting": f"{b} baseline", "reason": "baselines run in one process; bench them without "
                      "--tensor-parallel"} for b in cfg.baselines if b != "none"]
         return settings, skipped
