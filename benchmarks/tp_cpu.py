@@ -75,7 +75,9 @@ def measure(args) -> dict | None:
         steps = len(stamps) - 1
         decode_s = stamps[-1] - stamps[0]
         comm_s = clock.stop(decode_s, steps)["comm_s"] if clock else 0.0
-        forwards = {k: (v - before.get(k, 0)) / (steps + 1) for k, v in comm.counts.items()} if comm else None
+        # Per forward over the prefill and the decode steps ("agree": the call check, once per generation).
+        forwards = {k: (v - before.get(k, 0)) / (steps + 1) for k, v in comm.counts.items()
+                    if v != before.get(k, 0)} if comm else None
         slowest = clock.slowest_rank(comm_s) if clock else 0.0
         rounds.append({"decode_steps": steps, "decode_s": decode_s, "tokens_per_s": steps / decode_s,
                        "step_s": decode_s / steps, "comm_s_rank0": comm_s, "comm_s_max_rank": slowest,
