@@ -423,6 +423,78 @@ def create_app(served_name: str, loader, *, max_batch: int = 8, max_len: int | N
         return "length" if engine_reason == "length" else "stop"
 
     # ------------------------------------------------------------------ chat
+    def chat_body(c, r) -> dict:
+        content = "".join(d.get("content", "") for d in r["deltas"])
+        message = {"role": "assistant", "content": content or (None if c.reply.tool_calls else "")}
+        if c.reply.tool_calls:
+            message["tool_calls"] = c.reply.tool_calls
+        return {"message": message}
+
+    def completion_body(c, r) -> dict:
+        return {"text": "".join(d.get("content", "") for d in r["deltas"]), "token_ids": list(c.request.tokens)}
+
+    def completion_delta(deltas) -> list[dict]:
+        text = "".join(d.get("content", "") for d in deltas)
+        return [{"text": text}] if text else []
+
+    async def respond(http_request, req, engine, choices, queue, *, rid: str, obj: str, stream_obj: str, body, opening,
+                      delta_bodies, closing: dict):
+        """The reply to a request whose choices are submitted: one JSON object (`obj`; body(choice,
+        result) gives each choice's fields) or, when req.stream, SSE chunks of `stream_obj` (what
+        chat and completions share): opening(choice)'s chunks per choice, delta_bodies(deltas)'s as
+        tokens come, a `closing` chunk with each choice's finish reason, the usage chunk if asked,
+        [DONE]; an engine failure ends the stream with an error event. Leaving the stream early
+        (the client went away) cancels the choices still running."""
+        created = int(time.time())
+        if not req.stream:
+            results = await collect(http_request, choices, queue)
+            out = []
+            for c in choices:
+                r = results[c.index]
+                if r["error"] is not None:
+                    raise APIError(500, f"generation failed: {type(r['error']).__name__}: {r['error']}",
+                                   "server_error")
+                out.append({"index": c.index, **body(c, r), "logprobs": None,
+                            "finish_reason": finish_reason(c, r["finish"])})
+            return {"id": rid, "object": obj, "created": created, "model": served_name, "choices": out,
+                    "usage": usage(choices)}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(fields, index, reason=None):
+            return sse({"id": rid, "object": stream_obj, "created": created, "model": served_name,
+                        "choices": [{"index": index, **fields, "logprobs": None, "finish_reason": reason}]})
+
+        async def events():
+            pending = len(choices)
+            try:
+                for c in choices:
+                    for fields in opening(c):
+                        yield chunk(fields, c.index)
+                while pending:
+                    index, kind, value = await queue.get()
+                    if kind == "deltas":
+                        for fields in delta_bodies(value):
+                            yield chunk(fields, index)
+                    elif kind == "finish":
+                        pending -= 1
+                        yield chunk(closing, index, finish_reason(choices[index], value))
+                    else:
+                        yield sse(error_object(value))
+                        yield b"data: [DONE]\n\n"
+                        return
+                if include_usage:
+                    yield sse({"id": rid, "object": stream_obj, "created": created, "model": served_name,
+                               "choices": [], "usage": usage(choices)})
+                yield b"data: [DONE]\n\n"
+            finally:
+                for c in choices:
+                    if not c.request.finished:
+                        engine.cancel(c.request)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, http_request: HTTPRequest):
         _check_model(state, req.model)
@@ -479,59 +551,11 @@ def create_app(served_name: str, loader, *, max_batch: int = 8, max_len: int | N
         queue: asyncio.Queue = asyncio.Queue()
         reply = ReplyStream(model.tokenizer, family, "chat", stops, names)
         choices = submit_all(engine, [prompt], req, max_new, stop_ids, [reply], queue, loop)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if not req.stream:
-            results = await collect(http_request, choices, queue)
-            out = []
-            for c in choices:
-                r = results[c.index]
-                if r["error"] is not None:
-                    raise APIError(500, f"generation failed: {type(r['error']).__name__}: {r['error']}",
-                                   "server_error")
-                content = "".join(d.get("content", "") for d in r["deltas"])
-                message = {"role": "assistant", "content": content or (None if c.reply.tool_calls else "")}
-                if c.reply.tool_calls:
-                    message["tool_calls"] = c.reply.tool_calls
-                out.append({"index": c.index, "message": message, "logprobs": None,
-                            "finish_reason": finish_reason(c, r["finish"])})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": served_name,
-                    "choices": out, "usage": usage(choices)}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta, index=0, reason=None):
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_name,
-                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]})
-
-        async def events():
-            pending = len(choices)
-            try:
-                for c in choices:
-                    yield chunk({"role": "assistant", "content": ""}, c.index)
-                while pending:
-                    index, kind, value = await queue.get()
-                    if kind == "deltas":
-                        for delta in value:
-                            yield chunk(delta, index)
-                    elif kind == "finish":
-                        pending -= 1
-                        yield chunk({}, index, finish_reason(choices[index], value))
-                    else:
-                        yield sse(error_object(value))
-                        yield b"data: [DONE]\n\n"
-                        return
-                if include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                               "model": served_name, "choices": [], "usage": usage(choices)})
-                yield b"data: [DONE]\n\n"
-            finally:
-                for c in choices:
-                    if not c.request.finished:
-                        engine.cancel(c.request)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await respond(
+            http_request, req, engine, choices, queue, rid=f"chatcmpl-{uuid.uuid4().hex}", obj="chat.completion",
+            stream_obj="chat.completion.chunk", body=chat_body,
+            opening=lambda c: [{"delta": {"role": "assistant", "content": ""}}],
+            delta_bodies=lambda deltas: [{"delta": d} for d in deltas], closing={"delta": {}})
 
     # ------------------------------------------------------------------ completions
     @app.post("/v1/completions")
@@ -582,55 +606,10 @@ def create_app(served_name: str, loader, *, max_batch: int = 8, max_len: int | N
         streams = [ReplyStream(tokenizer, model.chat_family, "text", stops) if tokenizer is not None
                    else _NoText() for _ in prompts]
         choices = submit_all(engine, prompts, req, max_new, stop_ids, streams, queue, loop)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if not req.stream:
-            results = await collect(http_request, choices, queue)
-            out = []
-            for c in choices:
-                r = results[c.index]
-                if r["error"] is not None:
-                    raise APIError(500, f"generation failed: {type(r['error']).__name__}: {r['error']}",
-                                   "server_error")
-                out.append({"index": c.index, "text": "".join(d.get("content", "") for d in r["deltas"]),
-                            "logprobs": None, "finish_reason": finish_reason(c, r["finish"]),
-                            "token_ids": list(c.request.tokens)})
-            return {"id": rid, "object": "text_completion", "created": created, "model": served_name,
-                    "choices": out, "usage": usage(choices)}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(text, index=0, reason=None):
-            return sse({"id": rid, "object": "text_completion", "created": created, "model": served_name,
-                        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]})
-
-        async def events():
-            pending = len(choices)
-            try:
-                while pending:
-                    index, kind, value = await queue.get()
-                    if kind == "deltas":
-                        text = "".join(d.get("content", "") for d in value)
-                        if text:
-                            yield chunk(text, index)
-                    elif kind == "finish":
-                        pending -= 1
-                        yield chunk("", index, finish_reason(choices[index], value))
-                    else:
-                        yield sse(error_object(value))
-                        yield b"data: [DONE]\n\n"
-                        return
-                if include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": served_name,
-                               "choices": [], "usage": usage(choices)})
-                yield b"data: [DONE]\n\n"
-            finally:
-                for c in choices:
-                    if not c.request.finished:
-                        engine.cancel(c.request)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await respond(
+            http_request, req, engine, choices, queue, rid=f"cmpl-{uuid.uuid4().hex}", obj="text_completion",
+            stream_obj="text_completion", body=completion_body, opening=lambda c: [],
+            delta_bodies=completion_delta, closing={"text": ""})
 
     return app
 
