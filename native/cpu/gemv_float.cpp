@@ -286,27 +286,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 widen16(
   return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(w) + k);
 }
 
+// Per (weight row, x row): two accumulators over steps of 32, a 16-wide remainder into the first,
+// the masked tail into the second, reduce(a0 + a1): the order of rows4_avx512 (M = 1), so a row's
+// result does not depend on M.
 template <DType t>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void row_avx512(const void* w, int64_t K, const float* xf,
                                                                            int64_t M, float* acc) {
   const __mmask16 all = 0xffff;
   const int64_t k16 = K - K % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
-  if (M == 1) {
-    // The decode case: four accumulators, the weight widened once.
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= k16; k += 64) {
-      a0 = _mm512_fmadd_ps(widen16<t>(w, k, all), _mm512_loadu_ps(xf + k), a0);
-      a1 = _mm512_fmadd_ps(widen16<t>(w, k + 16, all), _mm512_loadu_ps(xf + k + 16), a1);
-      a2 = _mm512_fmadd_ps(widen16<t>(w, k + 32, all), _mm512_loadu_ps(xf + k + 32), a2);
-      a3 = _mm512_fmadd_ps(widen16<t>(w, k + 48, all), _mm512_loadu_ps(xf + k + 48), a3);
-    }
-    for (; k < k16; k += 16) a0 = _mm512_fmadd_ps(widen16<t>(w, k, all), _mm512_loadu_ps(xf + k), a0);
-    if (tail) a1 = _mm512_fmadd_ps(widen16<t>(w, k16, tail), _mm512_maskz_loadu_ps(tail, xf + k16), a1);
-    acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return;
-  }
   for (int64_t m = 0; m < M; ++m) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     const float* xr = xf + m * K;
@@ -402,9 +390,15 @@ void linear_float(const void* x, const void* weight, const void* bias, void* out
         store1(out, dtype, n, acc[i] + (bias ? load1(bias, dtype, n) : 0.f));
       }
     }
-    for (int64_t n = 4 * quads; n < N; ++n) {  // the last N % 4 rows
+    for (int64_t n = 4 * quads; n < N; ++n) {  // the last N % 4 rows, in the same order as rows4_avx512
       float acc[1];
-      row_scalar(wbytes + n * K * esize, dtype, K, xf.data(), 1, acc);
+      const void* row = wbytes + n * K * esize;
+      if (dtype == DType::BF16)
+        row_avx512<DType::BF16>(row, K, xf.data(), 1, acc);
+      else if (dtype == DType::F16)
+        row_avx512<DType::F16>(row, K, xf.data(), 1, acc);
+      else
+        row_avx512<DType::F32>(row, K, xf.data(), 1, acc);
       store1(out, dtype, n, acc[0] + (bias ? load1(bias, dtype, n) : 0.f));
     }
     return;
