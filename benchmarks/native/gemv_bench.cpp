@@ -2,7 +2,8 @@
 // ChatGLM3-6B shapes, M = 1, 4, 8 rows, against a second build of the same files (a baseline from
 // git, compiled into this binary under the namespace glmrt_old) timed in the same run, round by
 // round alternating. Also measures the fp32 FMA peak of the cores with a register-only loop.
-// Build and run: benchmarks/native/run_gemv_bench.sh [BASE_REF] (see there).
+// Build and run: benchmarks/native/run_gemv_bench.sh [BASE_REF] (see there); GEMV_BENCH_M=1,2,3
+// chooses the row counts (default 1, 4, 8).
 #include <omp.h>
 
 #include <immintrin.h>
@@ -87,6 +88,13 @@ int main(int argc, char** argv) {
   int rounds = argc > 1 ? std::atoi(argv[1]) : 5;
   std::string only = argc > 2 ? argv[2] : "";
   std::vector<int64_t> Ms = {1, 4, 8};
+  if (const char* ms = std::getenv("GEMV_BENCH_M")) {  // e.g. GEMV_BENCH_M=1,2,3
+    Ms.clear();
+    for (const char* c = ms; *c;) {
+      Ms.push_back(std::strtoll(c, const_cast<char**>(&c), 10));
+      if (*c == ',') ++c;
+    }
+  }
   const double peak = fma_peak_gflops(threads);
   std::printf("clock: %s (times below: %s)\n", g_cpu_clock ? "process CPU time" : "wall",
               g_cpu_clock ? "CPU seconds per call / threads, i.e. the wall time on idle cores" : "wall time per call");

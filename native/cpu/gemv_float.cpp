@@ -219,11 +219,12 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const typename Widen<t>:
   for (int64_t k0 = 0; k0 < k16; k0 += kb) {
     const int64_t nk = k0 + kb < k16 ? kb : k16 - k0;
     // The first x block prefetches what its weight rows need next: the next K block of the same
-    // rows, or (one K block) the rows R further on.
+    // rows (M >= 3; at M = 2, still memory-bound, it measured slower than the hardware
+    // prefetchers alone), or (one K block) the rows R further on.
     for (int64_t m0 = 0; m0 < M;) {
       const int mb = m0 ? static_cast<int>(M - m0) : first_block(M);
       const int R = block_rows(mb);
-      const int64_t pf = m0 ? 0 : (nk == k16 ? R * K : kb);
+      const int64_t pf = m0 ? 0 : (nk == k16 ? R * K : (M >= 3 ? kb : 0));
       int64_t r0 = 0;
       for (; r0 + R <= rows; r0 += R)
         block_fn<t>(mb, false)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K,
