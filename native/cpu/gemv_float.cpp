@@ -79,16 +79,21 @@ __attribute__((target("avx2,fma,f16c"))) float hsum8(__m256 v) {
 // load whose 32-bit lanes give the even elements (`lane << 16`) as A and the odd ones
 // (`lane & 0xffff0000`) as B, so x is permuted per 16 to its 8 even elements then its 8 odd ones;
 // fp16 (F16C) and fp32 take elements 0-7 as A and 8-15 as B, x in natural order.
-// Per (weight row, x row) the sum is always: one 8-lane accumulator, acc += A * xA then
-// acc += B * xB per step (fused multiply-adds, in k order), hsum8, then the k % 16 tail in k order
-// with scalar fused multiply-adds, whatever M, the row tile, the K block or the register block, so
-// a row's result does not depend on how many rows share the call.
+// Per (weight row, x row) the sum is always, whatever M, the row tile, the K block or the register
+// block (so a row's result does not depend on how many rows share the call):
+//  * bf16: one 8-lane accumulator, acc += A * xA then acc += B * xB per step (fused multiply-adds,
+//    in k order), hsum8, then the k % 16 tail in k order with scalar fused multiply-adds;
+//  * fp16, fp32: two accumulators, a += A * xA and b += B * xB per step, an 8-wide remainder
+//    (k % 16 >= 8) into a, hsum8(a + b), then the k % 8 tail with scalar fused multiply-adds. This
+//    is the order these dtypes had before the register blocks, kept because a padded fp16 prefill
+//    batch taking torch's F.linear matches its prompts run alone through this GEMV only in this
+//    order (tests/models/test_original_code_half_precision.py); it costs registers (2 per pair).
 // The speed at M > 1 comes from register blocks of R weight rows x MB x rows: per half step the R
 // weight halves are widened once into registers and each x half is loaded once into a register
 // and used for the R rows: R * MB accumulators (the independent FMA chains that hide the FMA
 // latency: Zen 2 needs 10 for its 2 FMAs per cycle at 5 cycles), R widened weights, one x
-// register: (R, MB) = (8, 1), (4, 2), (3, 3), (3, 4) fit the 16 ymm registers of AVX2 (12 chains
-// for MB = 4). The weights of a half are re-read from L1 for half B (one load, cheaper than a
+// register: (R, MB) = (8, 1), (4, 2), (3, 3), (3, 4), (2, 5) fit the 16 ymm registers of AVX2 (12
+// chains for MB = 4); with two accumulators per pair (4, 1), (2, 2), (2, 3), (1, 4), (1, 5). The weights of a half are re-read from L1 for half B (one load, cheaper than a
 // register). Output rows go in tiles of kTileRows, K in blocks whose x slice (all M rows) stays in
 // L1, the accumulators between K blocks in a small buffer (same lanes, same order). The weights
 // of the next K block are prefetched while the current one is computed.
@@ -100,6 +105,7 @@ struct Widen;
 template <>
 struct Widen<DType::BF16> {
   using T = uint16_t;
+  static constexpr int kAcc = 1;
   __attribute__((target("avx2,fma,f16c"))) static inline __m256 a(const T* w) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), 16));
   }
@@ -113,6 +119,7 @@ struct Widen<DType::BF16> {
 template <>
 struct Widen<DType::F16> {
   using T = uint16_t;
+  static constexpr int kAcc = 2;
   __attribute__((target("avx2,fma,f16c"))) static inline __m256 a(const T* w) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   }
@@ -124,6 +131,7 @@ struct Widen<DType::F16> {
 template <>
 struct Widen<DType::F32> {
   using T = float;
+  static constexpr int kAcc = 2;
   __attribute__((target("avx2,fma,f16c"))) static inline __m256 a(const T* w) { return _mm256_loadu_ps(w); }
   __attribute__((target("avx2,fma,f16c"))) static inline __m256 b(const T* w) { return _mm256_loadu_ps(w + 8); }
   static float one(const T* w, int64_t k) { return w[k]; }
@@ -139,10 +147,14 @@ __attribute__((target("avx2,fma,f16c"))) void block_avx2(const typename Widen<t>
   using W = Widen<t>;
   // x in a register, loaded once for the R rows, where the registers allow it (else the compiler
   // spills accumulators); for (3, 4) each FMA reads its x operand from L1.
-  constexpr bool kXReg = R > 1 && (MB == 1 || R * MB + R + 1 < 16);
-  __m256 a[R][MB];
+  constexpr bool kXReg = R > 1 && (MB == 1 || Widen<t>::kAcc * R * MB + R + 1 < 16);
+  constexpr int A = W::kAcc;  // B halves into a second accumulator (fp16, fp32)
+  __m256 a[R][MB], b[R][MB];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) a[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * m);
+    for (int m = 0; m < MB; ++m) {
+      a[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * A * m);
+      if (A == 2) b[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * A * m + 8);
+    }
   for (int64_t k = 0; k < nk; k += 16) {
     if (pf && (k & 31) == 0)  // one prefetch per 64-byte line of a 2-byte row (twice for fp32: k & 15)
 #pragma GCC unroll 8
@@ -167,11 +179,19 @@ __attribute__((target("avx2,fma,f16c"))) void block_avx2(const typename Widen<t>
       __m256 xv = _mm256_loadu_ps(xp + m * K + k + 8);
       if (kXReg) __asm__("" : "+x"(xv));
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[r][m] = _mm256_fmadd_ps(wv[r], xv, a[r][m]);
+      for (int r = 0; r < R; ++r) {
+        if (A == 2)
+          b[r][m] = _mm256_fmadd_ps(wv[r], xv, b[r][m]);
+        else
+          a[r][m] = _mm256_fmadd_ps(wv[r], xv, a[r][m]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) _mm256_store_ps(acc + r * acc_stride + 8 * m, a[r][m]);
+    for (int m = 0; m < MB; ++m) {
+      _mm256_store_ps(acc + r * acc_stride + 8 * A * m, a[r][m]);
+      if (A == 2) _mm256_store_ps(acc + r * acc_stride + 8 * A * m + 8, b[r][m]);
+    }
 }
 
 template <DType t>
@@ -191,6 +211,15 @@ BlockFn<t> block_fn(int mb, bool r1) {
       default: return &block_avx2<t, 1, 5>;
     }
   }
+  if (Widen<t>::kAcc == 2) {  // two accumulators per (weight row, x row)
+    switch (mb) {
+      case 1: return &block_avx2<t, 4, 1>;
+      case 2: return &block_avx2<t, 2, 2>;
+      case 3: return &block_avx2<t, 2, 3>;
+      case 4: return &block_avx2<t, 1, 4>;
+      default: return &block_avx2<t, 1, 5>;
+    }
+  }
   switch (mb) {
     case 1: return &block_avx2<t, 8, 1>;
     case 2: return &block_avx2<t, 4, 2>;
@@ -199,10 +228,17 @@ BlockFn<t> block_fn(int mb, bool r1) {
     default: return &block_avx2<t, 2, 5>;
   }
 }
-constexpr int block_rows(int mb) { return mb == 1 ? 8 : (mb == 2 ? 4 : (mb == 5 ? 2 : 3)); }
-// The x rows of the register blocks: M <= 5 in one, 6 = 3 + 3, 7 = 4 + 3, 8 = 5 + 3 (each block
-// at least 9 FMA chains).
-inline int first_block(int64_t M) { return M <= 5 ? static_cast<int>(M) : (M == 6 ? 3 : static_cast<int>(M) - 3); }
+inline int block_rows(int mb, int n_acc) {
+  if (n_acc == 2) return mb == 1 ? 4 : (mb <= 3 ? 2 : 1);
+  return mb == 1 ? 8 : (mb == 2 ? 4 : (mb == 5 ? 2 : 3));
+}
+// The x rows of the next register block, rest rows left: one accumulator per pair, M <= 5 in one
+// block, 6 = 3 + 3, 7 = 4 + 3, 8 = 5 + 3; two: blocks of at most 3 (4 = 2 + 2, 7 = 3 + 2 + 2,
+// 8 = 3 + 3 + 2). Each block has at least 8 FMA chains.
+inline int next_block(int64_t rest, int n_acc) {
+  if (n_acc == 2) return rest <= 3 ? static_cast<int>(rest) : (rest == 4 || rest == 7 ? 2 : 3);
+  return rest <= 5 ? static_cast<int>(rest) : (rest == 6 ? 3 : static_cast<int>(rest) - 3);
+}
 
 // Output rows [n0, n1) for all M rows of xp (x in the order of Widen<t>, M rows of K floats).
 template <DType t>
@@ -213,8 +249,9 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const typename Widen<t>:
   const int64_t k16 = K - K % 16;
   int64_t kb = kXBlockBytes / (4 * M) / 32 * 32;
   if (kb < 64) kb = 64;
-  alignas(32) float acc[kTileRows * kFloatGemvMaxM * 8];
-  const int64_t rows = n1 - n0, acc_stride = M * 8;
+  constexpr int A = Widen<t>::kAcc;
+  alignas(32) float acc[kTileRows * kFloatGemvMaxM * 8 * A];
+  const int64_t rows = n1 - n0, acc_stride = M * 8 * A;
   std::memset(acc, 0, sizeof(float) * rows * acc_stride);
   for (int64_t k0 = 0; k0 < k16; k0 += kb) {
     const int64_t nk = k0 + kb < k16 ? kb : k16 - k0;
@@ -222,16 +259,16 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const typename Widen<t>:
     // rows (M >= 3; at M = 2, still memory-bound, it measured slower than the hardware
     // prefetchers alone), or (one K block) the rows R further on.
     for (int64_t m0 = 0; m0 < M;) {
-      const int mb = m0 ? static_cast<int>(M - m0) : first_block(M);
-      const int R = block_rows(mb);
+      const int mb = next_block(M - m0, A);
+      const int R = block_rows(mb, A);
       const int64_t pf = m0 ? 0 : (nk == k16 ? R * K : (M >= 3 ? kb : 0));
       int64_t r0 = 0;
       for (; r0 + R <= rows; r0 += R)
         block_fn<t>(mb, false)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K,
-                               acc + r0 * acc_stride + m0 * 8, acc_stride, pf);
+                               acc + r0 * acc_stride + m0 * 8 * A, acc_stride, pf);
       for (; r0 < rows; ++r0)
         block_fn<t>(mb, true)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K,
-                              acc + r0 * acc_stride + m0 * 8, acc_stride, 0);
+                              acc + r0 * acc_stride + m0 * 8 * A, acc_stride, 0);
       m0 += mb;
     }
   }
@@ -240,8 +277,19 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const typename Widen<t>:
     const typename Widen<t>::T* w = weight + n * K;
     const float b = bias ? Widen<t>::one(bias, n) : 0.f;
     for (int64_t m = 0; m < M; ++m) {
-      float s = hsum8(_mm256_load_ps(acc + r * acc_stride + 8 * m));
-      for (int64_t k = k16; k < K; ++k) s = std::fma(Widen<t>::one(w, k), xp[m * K + k], s);
+      float s;
+      int64_t k = k16;
+      if (A == 2) {  // the order of fp16 / fp32 before the register blocks: an 8-wide remainder into a
+        __m256 va = _mm256_load_ps(acc + r * acc_stride + 16 * m), vb = _mm256_load_ps(acc + r * acc_stride + 16 * m + 8);
+        if (K - k16 >= 8) {
+          va = _mm256_fmadd_ps(Widen<t>::a(w + k16), _mm256_loadu_ps(xp + m * K + k16), va);
+          k += 8;
+        }
+        s = hsum8(_mm256_add_ps(va, vb));
+      } else {
+        s = hsum8(_mm256_load_ps(acc + r * acc_stride + 8 * m));
+      }
+      for (; k < K; ++k) s = std::fma(Widen<t>::one(w, k), xp[m * K + k], s);
       store1(out, t, m * N + n, s + b);
     }
   }
