@@ -1,8 +1,9 @@
 // Float-weight decode GEMV (see gemv_float.h). At M = 1 memory-bound: per weight element one load,
 // one widening to fp32 (bf16: a 16-bit shift or mask; fp16: F16C), one FMA per row of x. The weight
-// is streamed once per call whatever M: every weight element is loaded and widened once and
-// multiplied with all M rows of x (the AVX2 paths; at M = 8 they are bound by the FMAs and loads,
-// not by memory). Output rows are split over the threads in contiguous blocks or tiles.
+// is streamed once per call whatever M: every weight element is loaded and widened once per
+// register block and multiplied with all its x rows (the AVX2 path: R weight rows x MB x rows per
+// micro-kernel, see block_avx2; at M = 8 it is bound by the FMA throughput, not by memory). Output
+// rows are split over the threads in contiguous blocks or tiles.
 #include "gemv_float.h"
 
 #include <immintrin.h>
@@ -65,16 +66,6 @@ void row_scalar(const void* w, DType t, int64_t K, const float* xf, int64_t M, f
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) inline __m256 widen8(const void* w, DType t, int64_t k) {
-  if (t == DType::BF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  if (t == DType::F16)
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k)));
-  return _mm256_loadu_ps(static_cast<const float*>(w) + k);
-}
-
 __attribute__((target("avx2,fma,f16c"))) float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -82,205 +73,253 @@ __attribute__((target("avx2,fma,f16c"))) float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma,f16c"))) void row_avx2(const void* w, DType t, int64_t K, const float* xf,
-                                                       int64_t M, float* acc) {
-  const int64_t k8 = K - K % 8;
-  for (int64_t m = 0; m < M; ++m) {
-    // Two accumulators per row hide the FMA latency; the weight vector is re-widened per row,
-    // which costs nothing against the memory stream (M is small and the row sits in L1).
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    const float* xr = xf + m * K;
-    int64_t k = 0;
-    for (; k + 16 <= k8; k += 16) {
-      a0 = _mm256_fmadd_ps(widen8(w, t, k), _mm256_loadu_ps(xr + k), a0);
-      a1 = _mm256_fmadd_ps(widen8(w, t, k + 8), _mm256_loadu_ps(xr + k + 8), a1);
-    }
-    for (; k < k8; k += 8) a0 = _mm256_fmadd_ps(widen8(w, t, k), _mm256_loadu_ps(xr + k), a0);
-    float s = hsum8(_mm256_add_ps(a0, a1));
-    for (; k < K; ++k) s = std::fma(load1(w, t, k), xr[k], s);  // explicit: the tiled path does the same
-    acc[m] = s;
-  }
-}
-
-// ---- AVX2, fp32 / fp16, M >= 2 (bf16 takes tile_bf16_avx2 below): every weight element is loaded
-// and widened once for all rows of x.
-// Per (weight row, x row) the sums run exactly as row_avx2 runs them (two accumulators over steps
-// of 16, an 8-wide remainder into the first, hsum8, a scalar tail), so a row's result does not
-// depend on M. What changes is the loop order: output rows are taken in tiles of kTileRows, K in
-// blocks whose x slice (M rows) stays in L1 across the tile, x rows in register blocks of up to 4;
-// the accumulators live in a small buffer between K blocks (same lanes, same order of additions).
-constexpr int64_t kTileRows = 8;
+// ---- AVX2, every dtype, any M (M = 1 included): one summation order per (weight row, x row).
+// K is taken in steps of 16. A step's 16 weights are widened to fp32 as two 8-lane halves, A and
+// B, and x is stored once per call in the matching order: bf16 reads the 16 weights as one 256-bit
+// load whose 32-bit lanes give the even elements (`lane << 16`) as A and the odd ones
+// (`lane & 0xffff0000`) as B, so x is permuted per 16 to its 8 even elements then its 8 odd ones;
+// fp16 (F16C) and fp32 take elements 0-7 as A and 8-15 as B, x in natural order.
+// Per (weight row, x row) the sum is always, whatever M, the row tile, the K block or the register
+// block (so a row's result does not depend on how many rows share the call):
+//  * bf16: one 8-lane accumulator, acc += A * xA then acc += B * xB per step (fused multiply-adds,
+//    in k order), hsum8, then the k % 16 tail in k order with scalar fused multiply-adds;
+//  * fp16, fp32: two accumulators, a += A * xA and b += B * xB per step, an 8-wide remainder
+//    (k % 16 >= 8) into a, hsum8(a + b), then the k % 8 tail with scalar fused multiply-adds. This
+//    is the order these dtypes had before the register blocks, kept because a padded fp16 prefill
+//    batch taking torch's F.linear matches its prompts run alone through this GEMV only in this
+//    order (tests/models/test_original_code_half_precision.py); it costs registers (2 per pair).
+// The speed at M > 1 comes from register blocks of R weight rows x MB x rows: per half step the R
+// weight halves are widened once into registers and each x half is loaded once into a register
+// and used for the R rows: R * MB accumulators (the independent FMA chains that hide the FMA
+// latency: Zen 2 needs 10 for its 2 FMAs per cycle at 5 cycles), R widened weights, one x
+// register: (R, MB) = (8, 1), (4, 2), (3, 3), (3, 4), (2, 5) fit the 16 ymm registers of AVX2 (12
+// chains for MB = 4); with two accumulators per pair (4, 1), (2, 2), (2, 3), (1, 4), (1, 5). The weights of a half are re-read from L1 for half B (one load, cheaper than a
+// register). Output rows go in tiles of kTileRows, K in blocks whose x slice (all M rows) stays in
+// L1, the accumulators between K blocks in a small buffer (same lanes, same order). The weights
+// of the next K block are prefetched while the current one is computed.
+constexpr int64_t kTileRows = 24;
 constexpr int64_t kXBlockBytes = 16 * 1024;  // the x slice of one K block, all M rows, in fp32
-constexpr int64_t kMB = 4;                  // x rows per register block: 2 * kMB accumulators
 
 template <DType t>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 widen8t(const void* w, int64_t k) {
-  if constexpr (t == DType::BF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+struct Widen;
+template <>
+struct Widen<DType::BF16> {
+  using T = uint16_t;
+  static constexpr int kAcc = 1;
+  __attribute__((target("avx2,fma,f16c"))) static inline __m256 a(const T* w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), 16));
   }
-  if constexpr (t == DType::F16)
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k)));
-  return _mm256_loadu_ps(static_cast<const float*>(w) + k);
-}
+  __attribute__((target("avx2,fma,f16c"))) static inline __m256 b(const T* w) {
+    // two shifts rather than an AND: no mask constant to hold in a register
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), 16), 16));
+  }
+  static float one(const T* w, int64_t k) { return bf16_to_f32(w[k]); }
+};
+template <>
+struct Widen<DType::F16> {
+  using T = uint16_t;
+  static constexpr int kAcc = 2;
+  __attribute__((target("avx2,fma,f16c"))) static inline __m256 a(const T* w) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  }
+  __attribute__((target("avx2,fma,f16c"))) static inline __m256 b(const T* w) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8)));
+  }
+  static float one(const T* w, int64_t k) { return f16_to_f32(w[k]); }
+};
+template <>
+struct Widen<DType::F32> {
+  using T = float;
+  static constexpr int kAcc = 2;
+  __attribute__((target("avx2,fma,f16c"))) static inline __m256 a(const T* w) { return _mm256_loadu_ps(w); }
+  __attribute__((target("avx2,fma,f16c"))) static inline __m256 b(const T* w) { return _mm256_loadu_ps(w + 8); }
+  static float one(const T* w, int64_t k) { return w[k]; }
+};
 
-// acc[2 * m], acc[2 * m + 1]: the two accumulators of x row m (MB rows), over k in [k0, k1), a
-// range of whole steps of 16.
-template <DType t, int MB>
-__attribute__((target("avx2,fma,f16c"))) void block_avx2(const void* w, int64_t k0, int64_t k1, const float* xf,
-                                                         int64_t K, float* acc) {
-  __m256 a[2 * MB];
-  for (int i = 0; i < 2 * MB; ++i) a[i] = _mm256_load_ps(acc + 8 * i);
-  for (int64_t k = k0; k < k1; k += 16) {
-    const __m256 w0 = widen8t<t>(w, k), w1 = widen8t<t>(w, k + 8);
+// acc[r * acc_stride + 8 * m]: the accumulator of (weight row r, x row m), R x MB of them, over
+// the nk (a multiple of 16) values of K from w and xp (both already offset to the K block).
+// pf != 0: prefetch each weight row pf elements ahead.
+template <DType t, int R, int MB>
+__attribute__((target("avx2,fma,f16c"))) void block_avx2(const typename Widen<t>::T* w, int64_t wstride, int64_t nk,
+                                                         const float* xp, int64_t K, float* acc, int64_t acc_stride,
+                                                         int64_t pf) {
+  using W = Widen<t>;
+  // x in a register, loaded once for the R rows, where the registers allow it (else the compiler
+  // spills accumulators); for (3, 4) each FMA reads its x operand from L1.
+  constexpr bool kXReg = R > 1 && (MB == 1 || Widen<t>::kAcc * R * MB + R + 1 < 16);
+  constexpr int A = W::kAcc;  // B halves into a second accumulator (fp16, fp32)
+  __m256 a[R][MB], b[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      a[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * A * m);
+      if (A == 2) b[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * A * m + 8);
+    }
+  for (int64_t k = 0; k < nk; k += 16) {
+    if (pf && (k & 31) == 0)  // one prefetch per 64-byte line of a 2-byte row (twice for fp32: k & 15)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * wstride + k + pf), _MM_HINT_T0);
+        if (t == DType::F32) _mm_prefetch(reinterpret_cast<const char*>(w + r * wstride + k + 16 + pf), _MM_HINT_T0);
+      }
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = W::a(w + r * wstride + k);
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      a[2 * m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xf + m * K + k), a[2 * m]);
-      a[2 * m + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xf + m * K + k + 8), a[2 * m + 1]);
+      __m256 xv = _mm256_loadu_ps(xp + m * K + k);
+      if (kXReg) __asm__("" : "+x"(xv));  // one load for the R rows, not R folded into the FMAs
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r][m] = _mm256_fmadd_ps(wv[r], xv, a[r][m]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = W::b(w + r * wstride + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      __m256 xv = _mm256_loadu_ps(xp + m * K + k + 8);
+      if (kXReg) __asm__("" : "+x"(xv));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (A == 2)
+          b[r][m] = _mm256_fmadd_ps(wv[r], xv, b[r][m]);
+        else
+          a[r][m] = _mm256_fmadd_ps(wv[r], xv, a[r][m]);
+      }
     }
   }
-  for (int i = 0; i < 2 * MB; ++i) _mm256_store_ps(acc + 8 * i, a[i]);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      _mm256_store_ps(acc + r * acc_stride + 8 * A * m, a[r][m]);
+      if (A == 2) _mm256_store_ps(acc + r * acc_stride + 8 * A * m + 8, b[r][m]);
+    }
 }
 
-using BlockFn = void (*)(const void*, int64_t, int64_t, const float*, int64_t, float*);
-
 template <DType t>
-BlockFn block_fn(int mb) {
+using BlockFn = void (*)(const typename Widen<t>::T*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                         int64_t);
+
+// The register block for mb (1..5) x rows: R weight rows (r1: the one-row block for the rows a
+// tile has left over).
+template <DType t>
+BlockFn<t> block_fn(int mb, bool r1) {
+  if (r1) {
+    switch (mb) {
+      case 1: return &block_avx2<t, 1, 1>;
+      case 2: return &block_avx2<t, 1, 2>;
+      case 3: return &block_avx2<t, 1, 3>;
+      case 4: return &block_avx2<t, 1, 4>;
+      default: return &block_avx2<t, 1, 5>;
+    }
+  }
+  if (Widen<t>::kAcc == 2) {  // two accumulators per (weight row, x row)
+    switch (mb) {
+      case 1: return &block_avx2<t, 4, 1>;
+      case 2: return &block_avx2<t, 2, 2>;
+      case 3: return &block_avx2<t, 2, 3>;
+      case 4: return &block_avx2<t, 1, 4>;
+      default: return &block_avx2<t, 1, 5>;
+    }
+  }
   switch (mb) {
-    case 1: return &block_avx2<t, 1>;
-    case 2: return &block_avx2<t, 2>;
-    case 3: return &block_avx2<t, 3>;
-    default: return &block_avx2<t, 4>;
+    case 1: return &block_avx2<t, 8, 1>;
+    case 2: return &block_avx2<t, 4, 2>;
+    case 3: return &block_avx2<t, 3, 3>;
+    case 4: return &block_avx2<t, 3, 4>;
+    default: return &block_avx2<t, 2, 5>;
   }
 }
+inline int block_rows(int mb, int n_acc) {
+  if (n_acc == 2) return mb == 1 ? 4 : (mb <= 3 ? 2 : 1);
+  return mb == 1 ? 8 : (mb == 2 ? 4 : (mb == 5 ? 2 : 3));
+}
+// The x rows of the next register block, rest rows left: one accumulator per pair, M <= 5 in one
+// block, 6 = 3 + 3, 7 = 4 + 3, 8 = 5 + 3; two: blocks of at most 3 (4 = 2 + 2, 7 = 3 + 2 + 2,
+// 8 = 3 + 3 + 2). Each block has at least 8 FMA chains.
+inline int next_block(int64_t rest, int n_acc) {
+  if (n_acc == 2) return rest <= 3 ? static_cast<int>(rest) : (rest == 4 || rest == 7 ? 2 : 3);
+  return rest <= 5 ? static_cast<int>(rest) : (rest == 6 ? 3 : static_cast<int>(rest) - 3);
+}
 
-// Output rows [n0, n1) for all M rows of x.
+// Output rows [n0, n1) for all M rows of xp (x in the order of Widen<t>, M rows of K floats).
 template <DType t>
-__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const char* wbytes, const float* xf, const void* bias,
-                                                        void* out, int64_t M, int64_t N, int64_t K, int64_t n0,
-                                                        int64_t n1) {
-  constexpr int64_t esize = t == DType::F32 ? 4 : 2;
-  const int64_t k8 = K - K % 8, k16 = k8 - k8 % 16;
-  int64_t kb = kXBlockBytes / (4 * M) / 16 * 16;
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const typename Widen<t>::T* weight, const float* xp,
+                                                        const typename Widen<t>::T* bias,
+                                                        typename Widen<t>::T* out, int64_t M, int64_t N, int64_t K,
+                                                        int64_t n0, int64_t n1) {
+  const int64_t k16 = K - K % 16;
+  int64_t kb = kXBlockBytes / (4 * M) / 32 * 32;
   if (kb < 64) kb = 64;
-  alignas(32) float acc[kTileRows][kFloatGemvMaxM][16];
-  const int64_t rows = n1 - n0;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t m = 0; m < M; ++m)
-      for (int i = 0; i < 16; ++i) acc[r][m][i] = 0.f;
+  constexpr int A = Widen<t>::kAcc;
+  alignas(32) float acc[kTileRows * kFloatGemvMaxM * 8 * A];
+  const int64_t rows = n1 - n0, acc_stride = M * 8 * A;
+  std::memset(acc, 0, sizeof(float) * rows * acc_stride);
   for (int64_t k0 = 0; k0 < k16; k0 += kb) {
-    const int64_t k1 = k0 + kb < k16 ? k0 + kb : k16;
-    for (int64_t r = 0; r < rows; ++r) {
-      const void* w = wbytes + (n0 + r) * K * esize;
-      for (int64_t m0 = 0; m0 < M; m0 += kMB) {
-        const int mb = M - m0 < kMB ? static_cast<int>(M - m0) : static_cast<int>(kMB);
-        block_fn<t>(mb)(w, k0, k1, xf + m0 * K, K, &acc[r][m0][0]);
-      }
+    const int64_t nk = k0 + kb < k16 ? kb : k16 - k0;
+    // The first x block prefetches what its weight rows need next: the next K block of the same
+    // rows (M >= 3; at M = 2, still memory-bound, it measured slower than the hardware
+    // prefetchers alone), or (one K block) the rows R further on.
+    for (int64_t m0 = 0; m0 < M;) {
+      const int mb = next_block(M - m0, A);
+      const int R = block_rows(mb, A);
+      const int64_t pf = m0 ? 0 : (nk == k16 ? R * K : (M >= 3 ? kb : 0));
+      int64_t r0 = 0;
+      for (; r0 + R <= rows; r0 += R)
+        block_fn<t>(mb, false)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K,
+                               acc + r0 * acc_stride + m0 * 8 * A, acc_stride, pf);
+      for (; r0 < rows; ++r0)
+        block_fn<t>(mb, true)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K,
+                              acc + r0 * acc_stride + m0 * 8 * A, acc_stride, 0);
+      m0 += mb;
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
-    const void* w = wbytes + n * K * esize;
-    const float b = bias ? load1(bias, t, n) : 0.f;
+    const typename Widen<t>::T* w = weight + n * K;
+    const float b = bias ? Widen<t>::one(bias, n) : 0.f;
     for (int64_t m = 0; m < M; ++m) {
-      const float* xr = xf + m * K;
-      __m256 a0 = _mm256_load_ps(&acc[r][m][0]), a1 = _mm256_load_ps(&acc[r][m][8]);
-      if (k8 > k16) a0 = _mm256_fmadd_ps(widen8t<t>(w, k16), _mm256_loadu_ps(xr + k16), a0);
-      float s = hsum8(_mm256_add_ps(a0, a1));
-      for (int64_t k = k8; k < K; ++k) s = std::fma(load1(w, t, k), xr[k], s);  // as row_avx2
+      float s;
+      int64_t k = k16;
+      if (A == 2) {  // the order of fp16 / fp32 before the register blocks: an 8-wide remainder into a
+        __m256 va = _mm256_load_ps(acc + r * acc_stride + 16 * m), vb = _mm256_load_ps(acc + r * acc_stride + 16 * m + 8);
+        if (K - k16 >= 8) {
+          va = _mm256_fmadd_ps(Widen<t>::a(w + k16), _mm256_loadu_ps(xp + m * K + k16), va);
+          k += 8;
+        }
+        s = hsum8(_mm256_add_ps(va, vb));
+      } else {
+        s = hsum8(_mm256_load_ps(acc + r * acc_stride + 8 * m));
+      }
+      for (; k < K; ++k) s = std::fma(Widen<t>::one(w, k), xp[m * K + k], s);
       store1(out, t, m * N + n, s + b);
     }
   }
 }
 
-// ---- AVX2, bf16, any M: one accumulator per (weight row, x row), even and odd elements apart.
-// 16 bf16 weights are one 256-bit load; as 32-bit lanes, `lane << 16` is the even elements in fp32
-// and `lane & 0xffff0000` the odd ones, so widening costs two cheap operations per 16 weights. x
-// is stored once per call in the matching order (per 16: the 8 even elements, then the 8 odd). Per
-// (weight row, x row) the sum is: acc += w_even * x_even, acc += w_odd * x_odd per step of 16
-// (fused multiply-adds, in k order), hsum8, then the k % 16 tail in k order, whatever M, the row
-// tile or the K block, so a row's result does not depend on M. Register blocks of R weight rows x
-// MB x rows: (8, 1), (4, 2), (2, 3), (2, 4), enough independent sums to hide the FMA latency.
-template <int R, int MB>
-__attribute__((target("avx2,fma,f16c"))) void bf16_block_avx2(const uint16_t* w, int64_t wstride, int64_t nk,
-                                                              const float* xp, int64_t K, float* acc,
-                                                              int64_t acc_stride, int64_t pf) {
-  __m256 a[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) a[r][m] = _mm256_load_ps(acc + r * acc_stride + 8 * m);
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t k = 0; k < nk; k += 16) {
-    __m256 we[R], wo[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      if (pf) _mm_prefetch(reinterpret_cast<const char*>(w + r * wstride + k + pf), _MM_HINT_T0);
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * wstride + k));
-      we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-      wo[r] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) {
-      const __m256 xe = _mm256_loadu_ps(xp + m * K + k), xo = _mm256_loadu_ps(xp + m * K + k + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        a[r][m] = _mm256_fmadd_ps(we[r], xe, a[r][m]);
-        a[r][m] = _mm256_fmadd_ps(wo[r], xo, a[r][m]);
+template <DType t>
+void linear_avx2(const float* xf, const void* weight, const void* bias, void* out, int64_t M, int64_t N,
+                 int64_t K) {
+  using T = typename Widen<t>::T;
+  std::vector<float> xperm;
+  const float* xp = xf;
+  if (t == DType::BF16) {
+    // x in the even/odd order per 16 (see above), the k % 16 tail in natural order.
+    xperm.resize(static_cast<size_t>(M * K));
+    const int64_t k16 = K - K % 16;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t j = k >= k16 ? k : k - k % 16 + (k % 2 ? 8 + (k % 16) / 2 : (k % 16) / 2);
+        xperm[static_cast<size_t>(m * K + j)] = xf[m * K + k];
       }
-    }
+    xp = xperm.data();
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) _mm256_store_ps(acc + r * acc_stride + 8 * m, a[r][m]);
-}
-
-using Bf16BlockFn = void (*)(const uint16_t*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t);
-
-// The register block for mb x rows: (R, function); R = 1 for the rows a tile has left over.
-Bf16BlockFn bf16_block_fn(int R, int mb) {
-  if (R == 8) return &bf16_block_avx2<8, 1>;
-  if (R == 4) return &bf16_block_avx2<4, 2>;
-  if (R == 2) return mb == 3 ? &bf16_block_avx2<2, 3> : &bf16_block_avx2<2, 4>;
-  switch (mb) {
-    case 1: return &bf16_block_avx2<1, 1>;
-    case 2: return &bf16_block_avx2<1, 2>;
-    case 3: return &bf16_block_avx2<1, 3>;
-    default: return &bf16_block_avx2<1, 4>;
-  }
-}
-
-// xp: x in the even/odd order (see above), M rows of K floats.
-__attribute__((target("avx2,fma,f16c"))) void tile_bf16_avx2(const uint16_t* weight, const float* xp,
-                                                             const uint16_t* bias, uint16_t* out, int64_t M,
-                                                             int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t k16 = K - K % 16;
-  int64_t kb = kXBlockBytes / (4 * M) / 16 * 16;
-  if (kb < 64) kb = 64;
-  alignas(32) float acc[kTileRows * kFloatGemvMaxM * 8];
-  const int64_t rows = n1 - n0, acc_stride = M * 8;
-  std::memset(acc, 0, sizeof(float) * rows * acc_stride);
-  for (int64_t k0 = 0; k0 < k16; k0 += kb) {
-    const int64_t nk = k0 + kb < k16 ? kb : k16 - k0;
-    const bool whole_rows = nk == k16;  // one K block: the next rows are read next, prefetch them
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mb = M - m0 < 4 ? static_cast<int>(M - m0) : 4;
-      const int R = mb == 1 ? 8 : (mb == 2 ? 4 : 2);
-      int64_t r0 = 0;
-      for (; r0 + R <= rows; r0 += R)
-        bf16_block_fn(R, mb)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K, acc + r0 * acc_stride + m0 * 8,
-                             acc_stride, whole_rows && m0 == 0 ? R * K : 0);
-      for (; r0 < rows; ++r0)
-        bf16_block_fn(1, mb)(weight + (n0 + r0) * K + k0, K, nk, xp + m0 * K + k0, K, acc + r0 * acc_stride + m0 * 8,
-                             acc_stride, 0);
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = n0 + r;
-    const uint16_t* w = weight + n * K;
-    const float b = bias ? bf16_to_f32(bias[n]) : 0.f;
-    for (int64_t m = 0; m < M; ++m) {
-      float s = hsum8(_mm256_load_ps(acc + r * acc_stride + 8 * m));
-      for (int64_t k = k16; k < K; ++k) s = std::fma(bf16_to_f32(w[k]), xp[m * K + k], s);
-      out[m * N + n] = f32_to_bf16(s + b);
-    }
+  // Tiles of output rows dealt out dynamically, so a thread slowed down by a busy core does not
+  // hold the other back.
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+#pragma omp parallel for schedule(dynamic, 2)
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t n0 = i * kTileRows, n1 = n0 + kTileRows < N ? n0 + kTileRows : N;
+    tile_avx2<t>(static_cast<const T*>(weight), xp, static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, n0,
+                 n1);
   }
 }
 
@@ -296,27 +335,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 widen16(
   return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(w) + k);
 }
 
+// Per (weight row, x row): two accumulators over steps of 32, a 16-wide remainder into the first,
+// the masked tail into the second, reduce(a0 + a1): the order of rows4_avx512 (M = 1), so a row's
+// result does not depend on M.
 template <DType t>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void row_avx512(const void* w, int64_t K, const float* xf,
                                                                            int64_t M, float* acc) {
   const __mmask16 all = 0xffff;
   const int64_t k16 = K - K % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
-  if (M == 1) {
-    // The decode case: four accumulators, the weight widened once.
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= k16; k += 64) {
-      a0 = _mm512_fmadd_ps(widen16<t>(w, k, all), _mm512_loadu_ps(xf + k), a0);
-      a1 = _mm512_fmadd_ps(widen16<t>(w, k + 16, all), _mm512_loadu_ps(xf + k + 16), a1);
-      a2 = _mm512_fmadd_ps(widen16<t>(w, k + 32, all), _mm512_loadu_ps(xf + k + 32), a2);
-      a3 = _mm512_fmadd_ps(widen16<t>(w, k + 48, all), _mm512_loadu_ps(xf + k + 48), a3);
-    }
-    for (; k < k16; k += 16) a0 = _mm512_fmadd_ps(widen16<t>(w, k, all), _mm512_loadu_ps(xf + k), a0);
-    if (tail) a1 = _mm512_fmadd_ps(widen16<t>(w, k16, tail), _mm512_maskz_loadu_ps(tail, xf + k16), a1);
-    acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return;
-  }
   for (int64_t m = 0; m < M; ++m) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     const float* xr = xf + m * K;
@@ -412,43 +439,26 @@ void linear_float(const void* x, const void* weight, const void* bias, void* out
         store1(out, dtype, n, acc[i] + (bias ? load1(bias, dtype, n) : 0.f));
       }
     }
-    for (int64_t n = 4 * quads; n < N; ++n) {  // the last N % 4 rows
+    for (int64_t n = 4 * quads; n < N; ++n) {  // the last N % 4 rows, in the same order as rows4_avx512
       float acc[1];
-      row_scalar(wbytes + n * K * esize, dtype, K, xf.data(), 1, acc);
+      const void* row = wbytes + n * K * esize;
+      if (dtype == DType::BF16)
+        row_avx512<DType::BF16>(row, K, xf.data(), 1, acc);
+      else if (dtype == DType::F16)
+        row_avx512<DType::F16>(row, K, xf.data(), 1, acc);
+      else
+        row_avx512<DType::F32>(row, K, xf.data(), 1, acc);
       store1(out, dtype, n, acc[0] + (bias ? load1(bias, dtype, n) : 0.f));
     }
     return;
   }
-  if (isa == Isa::Avx2 && dtype == DType::BF16) {
-    // x in the even/odd order of tile_bf16_avx2, the k % 16 tail in natural order.
-    std::vector<float> xp(static_cast<size_t>(M * K));
-    const int64_t k16 = K - K % 16;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t j = k >= k16 ? k : k - k % 16 + (k % 2 ? 8 + (k % 16) / 2 : (k % 16) / 2);
-        xp[static_cast<size_t>(m * K + j)] = xf[static_cast<size_t>(m * K + k)];
-      }
-    const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-#pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t n0 = i * kTileRows, n1 = n0 + kTileRows < N ? n0 + kTileRows : N;
-      tile_bf16_avx2(static_cast<const uint16_t*>(weight), xp.data(), static_cast<const uint16_t*>(bias),
-                     static_cast<uint16_t*>(out), M, N, K, n0, n1);
-    }
-    return;
-  }
-  if (M > 1 && isa == Isa::Avx2) {
-    // Tiles of output rows dealt out dynamically, so a thread slowed down by a busy core does not
-    // hold the other back.
-    const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-#pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t n0 = i * kTileRows, n1 = n0 + kTileRows < N ? n0 + kTileRows : N;
-      if (dtype == DType::F16)
-        tile_avx2<DType::F16>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
-      else
-        tile_avx2<DType::F32>(wbytes, xf.data(), bias, out, M, N, K, n0, n1);
-    }
+  if (isa == Isa::Avx2) {
+    if (dtype == DType::BF16)
+      linear_avx2<DType::BF16>(xf.data(), weight, bias, out, M, N, K);
+    else if (dtype == DType::F16)
+      linear_avx2<DType::F16>(xf.data(), weight, bias, out, M, N, K);
+    else
+      linear_avx2<DType::F32>(xf.data(), weight, bias, out, M, N, K);
     return;
   }
 #pragma omp parallel for schedule(static)
@@ -461,8 +471,6 @@ void linear_float(const void* x, const void* weight, const void* bias, void* out
       row_avx512<DType::F16>(row, K, xf.data(), M, acc);
     else if (isa == Isa::Avx512)
       row_avx512<DType::F32>(row, K, xf.data(), M, acc);
-    else if (isa == Isa::Avx2)
-      row_avx2(row, dtype, K, xf.data(), M, acc);
     else
       row_scalar(row, dtype, K, xf.data(), M, acc);
     const float b = bias ? load1(bias, dtype, n) : 0.f;
