@@ -13,6 +13,7 @@ function(glmrt_add_cpu_module)
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/gemv_quant.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/dequant.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/gemv_float.cpp
+    ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/gemm_float.cpp
     ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu/membw.cpp)
   target_include_directories(_native_cpu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/native/cpu)
   find_package(OpenMP)

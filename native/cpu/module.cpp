@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "dequant.h"
+#include "gemm_float.h"
 #include "gemv_float.h"
 #include "gemv_quant.h"
 #include "membw.h"
@@ -111,5 +112,17 @@ PYBIND11_MODULE(_native_cpu, m) {
   m.def("linear_float_isa", &glmrt::linear_float_isa, "Vector path of linear_float: avx512, avx2 or scalar");
   m.def("set_linear_float_isa", [](const std::string& name) { return glmrt::set_linear_float_isa(name.c_str()); },
         py::arg("name"), "Force a path no better than the CPU's (tests); False if unavailable");
+  m.def(
+      "linear_float_gemm",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int dtype, int64_t M, int64_t N, int64_t K) {
+        const glmrt::DType t = to_dtype(dtype);
+        py::gil_scoped_release release;
+        glmrt::linear_float_gemm(as_ptr(x), as_ptr(w), bias ? as_ptr(bias) : nullptr, as_ptr(out), t, M, N, K);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("M"), py::arg("N"),
+      py::arg("K"),
+      "out[M,N] = x[M,K] @ w[N,K]^T + bias in fp16, any M, every output equal to linear_float's AVX2 path bit for "
+      "bit (a prefill GEMM whose rows do not depend on M); bias 0 = none");
+  m.def("linear_float_gemm_isa", &glmrt::linear_float_gemm_isa, "Vector path of linear_float_gemm: avx2 or none");
   m.def("linear_int8_has_vnni", []() { return std::string(glmrt::quant_linear_isa()) == "avx512vnni"; });
 }
