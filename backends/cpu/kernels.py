@@ -124,8 +124,10 @@ def native_quant_linear(ctx, node, inputs, params):
 #  - "bf16-panel": the same with bf16 panels and torch's bf16 GEMM (oneDNN, AMX-BF16 where the CPU
 #    has it); the panel holds dequantize(..., bfloat16), what the reference (glmrt.ops.linear)
 #    multiplies;
-#  - "torch" (float weights): F.linear as it is. float16 weights always take it (see
-#    _float_panel_gemm: batch invariance), so on CPUs without fast bf16 only bf16 takes the panel.
+#  - "torch" (float weights): F.linear as it is.
+# float16 weights take neither panel: where PREFILL["float"] is a panel path they take native
+# linear_float_gemm, whose outputs equal the decode GEMV's bit for bit (batch invariance, see
+# _float_panel_gemm); fp16 prefill 4608 x 4096 at M = 512 went from F.linear's ~8 GFLOP/s to ~90.
 # Measured (2 threads, AMD EPYC, AVX2 without AVX-512 / AMX, 128 x 4096 x 4608, 2026-12-03): torch's
 # bf16 F.linear 2.1 GFLOP/s and fp16 about 2x that, its fp32 GEMM 3.5x bf16's, the native INT4
 # kernel 1.8x the fp32 GEMM; so there floats take fp32-panel and quantized weights integer. With
@@ -194,6 +196,14 @@ def _panel_gemm(x2d: torch.Tensor, n: int, k: int, fill, bias, panel_dtype: torc
     return yt.t().to(x2d.dtype)  # (M, N)
 
 
+def _row_gemm_ready(module) -> bool:
+    """Whether native linear_float_gemm (fp16, every output the decode GEMV's bit for bit) runs here:
+    built, on AVX2, and the GEMV on the AVX2 path whose sums it reproduces (an AVX-512 GEMV sums
+    in another order)."""
+    return (hasattr(module, "linear_float_gemm") and module.linear_float_gemm_isa() == "avx2"
+            and module.linear_float_isa() == "avx2")
+
+
 def _float_panel_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor | None:
     """The prefill GEMM of float weights where PREFILL["float"] is a panel path; None elsewhere
     (then F.linear runs)."""
@@ -202,12 +212,27 @@ def _float_panel_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Te
     if (panel is None or m <= PREFILL_GEMM_MIN_M or x2d.dtype not in _native.DTYPE_CODES or weight.dtype != x2d.dtype
             or weight.dim() != 2 or weight.shape[1] != k or (bias is not None and bias.dtype != x2d.dtype)):
         return None
+    if x2d.dtype == torch.float16:
+        # float16 takes native linear_float_gemm, not the fp32 panel: every output of it equals the
+        # decode GEMV's bit for bit (see native/cpu/gemm_float.h), so which of the two computes a row
+        # -- a prompt of <= 8 tokens alone, or the same prompt among > 8 rows of a padded batch --
+        # cannot change it: a request's logits do not depend on what else is in its batch. (The fp32
+        # panel's BLAS sums in another order, a difference fp16's rounding does not hide:
+        # tests/models/test_original_code_half_precision.py's padded batch against its prompts alone.)
+        # Where it does not run (no AVX2 / an AVX-512 GEMV), F.linear, as before.
+        module, _ = native()
+        if module is None or not _row_gemm_ready(module):
+            return None
+        x2d, weight = x2d.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        n = weight.shape[0]
+        out = torch.empty((m, n), dtype=torch.float16)
+        if m and n:
+            module.linear_float_gemm(x2d.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                     out.data_ptr(), _native.DTYPE_CODES[torch.float16], m, n, k)
+        return out
     if x2d.dtype != torch.bfloat16:
-        # float32 is already the fp32 GEMM. float16 keeps F.linear: the fp32 panel GEMM's per-row sums
-        # differ from the decode GEMV's by more than fp16's rounding hides, which breaks glmrt's
-        # batch invariance (a padded batch of > 8 rows against its prompts of <= 8 run alone:
-        # tests/models/test_original_code_half_precision.py); bf16's coarser rounding hides it.
-        return None
+        return None  # float32 is already the fp32 GEMM
     weight = weight.contiguous()
 
     def fill(n0: int, n1: int, buf: torch.Tensor) -> None:

@@ -125,10 +125,85 @@ def test_quantized_prefill_keeps_the_integer_kernel_for_decode_and_row_invariant
     torch.testing.assert_close(panel, integer, rtol=0.05, atol=0.05 * integer.abs().max().item())
 
 
-def test_float16_prefill_keeps_f_linear(prefill):
-    """fp16 never takes the panel GEMM (batch invariance against the decode GEMV; see kernels.py)."""
+def _row_gemm(x, w, b):
+    m, k = x.shape
+    out = torch.empty((m, w.shape[0]), dtype=torch.float16)
+    native.linear_float_gemm(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(), 2, m,
+                             w.shape[0], k)
+    return out
+
+
+def _gemv(x, w, b):
+    m, k = x.shape
+    out = torch.empty((m, w.shape[0]), dtype=torch.float16)
+    native.linear_float(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(), 2, m,
+                        w.shape[0], k)
+    return out
+
+
+needs_row_gemm = pytest.mark.skipif(not (hasattr(native, "linear_float_gemm") and kernels._row_gemm_ready(native)),
+                                    reason="linear_float_gemm needs AVX2 and the GEMV on its AVX2 path")
+
+
+# K: below one step of 16, remainders of 8-15 and 1-7, one K chunk exactly, several chunks and a tail.
+@needs_row_gemm
+@pytest.mark.parametrize("m,n,k", [(1, 5, 3), (9, 33, 16), (13, 17, 40), (20, 50, 101), (12, 16, 4096),
+                                   (31, 21, 4096 * 2 + 24 + 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_float16_row_gemm_is_the_decode_gemv_bit_for_bit(m, n, k, with_bias):
+    """native linear_float_gemm (fp16 prefill) against the decode GEMV (linear_float) on the same rows
+    taken <= 8 at a time: equal bit for bit (the guarantee batch invariance rests on), and both
+    within one fp16 rounding plus fp32 summation error of the exact fp64 product."""
+    g = torch.Generator().manual_seed(m * 131 + k)
+    x, w = torch.randn(m, k, generator=g).half(), torch.randn(n, k, generator=g).half()
+    b = torch.randn(n, generator=g).half() if with_bias else None
+    got = _row_gemm(x, w, b)
+    limit = native.FLOAT_GEMV_MAX_M
+    want = torch.cat([_gemv(x[i:i + limit].contiguous(), w, b) for i in range(0, m, limit)])
+    assert torch.equal(got, want)
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    # fp16 rounding once (2^-11 relative, 2^-25 absolute at the subnormal end); fp32 sums of at
+    # most k / 16 + 12 additions per chain and tree (2^-24 each, relative to the magnitude).
+    tol = 2.0**-11 * exact.abs() + 2.0**-24 * (k / 16 + 12) * magnitude + 2.0**-25
+    assert ((got.double() - exact).abs() <= tol).all()
+
+
+def test_float16_row_gemm_refuses_other_dtypes():
+    x = torch.zeros(4, 16)
+    with pytest.raises(ValueError, match="float16 only"):
+        native.linear_float_gemm(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 0, 4, 4, 16)
+
+
+@needs_row_gemm
+def test_float16_prefill_rows_do_not_depend_on_the_batch(prefill):
+    """Batch invariance at the op: a (3, 7) fp16 batch (21 rows: the prefill GEMM) gives each
+    sequence exactly what it gives alone (7 rows: the decode GEMV), linears and the LM head."""
     prefill("float", "fp32-panel")
+    k, n = 40, 24
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 7, k, generator=g).half(), torch.randn(n, k, generator=g).half(), \
+        torch.randn(n, generator=g).half()
+    node = _node(False, k, n, torch.float16)
+    batch = kernels.native_float_linear(_Ctx(), node, [x], {"weight": w, "bias": b})
+    assert kernels._float_panel_gemm(x.reshape(-1, k), w, b) is not None  # the batch took the GEMM
+    for i in range(3):
+        assert torch.equal(batch[i:i + 1], kernels.native_float_linear(_Ctx(), node, [x[i:i + 1]], {"weight": w,
+                                                                                                   "bias": b}))
+    ctx = type("Ctx", (), {"row_invariant": False, "last_only": False})()
+    head = kernels.native_lm_head(ctx, node, [x], {"weight": w})
+    for i in range(3):
+        assert torch.equal(head[i:i + 1], kernels.native_lm_head(ctx, node, [x[i:i + 1]], {"weight": w}))
+
+
+def test_float16_prefill_without_the_row_gemm_keeps_f_linear(prefill, monkeypatch):
+    """Where linear_float_gemm cannot run (no AVX2, or a GEMV summing in another order), fp16 never
+    takes the fp32 panel: F.linear runs (None here), bf16 still takes the panel."""
     x, w = torch.randn(12, 32).half(), torch.randn(20, 32).half()
+    prefill("float", "torch")
+    assert kernels._float_panel_gemm(x, w, None) is None  # PREFILL float=torch: F.linear for every dtype
+    prefill("float", "fp32-panel")
+    monkeypatch.setattr(kernels, "_row_gemm_ready", lambda module: False)
     assert kernels._float_panel_gemm(x, w, None) is None
     assert kernels._float_panel_gemm(x.bfloat16(), w.bfloat16(), None) is not None
 
