@@ -8,7 +8,7 @@ bf16), fp16 weights through torch's F.linear and through native linear_float_gem
 group-wise (g32) and per output channel, through the "integer" path (native linear_int8 / int4: int8
 dot products) and the "fp32-panel" path (native dequantize_rows + torch's fp32 GEMM). Activations
 bf16 (fp16 for the fp16 weights), as glmrt's models run them. Prints GFLOP/s per (shape, path) and,
-per M, the time of one layer's four linears per path with its ratio to bf16's; one JSON line at the end.
+per M, the time of one layer's four linears (the best of the rounds: the machine is shared) per path with its ratio to bf16's; one JSON line at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 
@@ -24,7 +23,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--m", default="128,512", help="activation rows, comma-separated")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds (paths alternate within a round); median reported")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds (paths alternate within a round); the best (least disturbed by other load) reported")
     ap.add_argument("--no-f16-torch", action="store_true", help="skip torch's fp16 F.linear (slow)")
     return ap.parse_args()
 
@@ -109,7 +108,7 @@ def main():
                     kernels.PREFILL.update(saved)
                 if r:
                     times[key].append(t)
-        med = {key: statistics.median(v) for key, v in times.items()}
+        med = {key: min(v) for key, v in times.items()}
         print(f"M = {m} (load {os.getloadavg()[0]:.2f})")
         for (n, k) in SHAPES:
             line = "  ".join(f"{p} {2 * m * n * k / med[(n, k), p] / 1e9:6.1f}" for p in paths)

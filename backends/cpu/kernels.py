@@ -91,7 +91,7 @@ def native_quant_linear(ctx, node, inputs, params):
     # Prefill: a panel GEMM where PREFILL says so (below); never under ctx.row_invariant (the serving
     # engine's batched decode), where every row must be computed alike whatever the row count, as
     # the GEMV does.
-    panel = _panel_dtype(PREFILL["quant"], x.dtype)
+    panel = _panel_dtype(quant_prefill_path(bits, group, m), x.dtype)
     if (m > PREFILL_GEMM_MIN_M and k and n and panel is not None and hasattr(module, "dequantize_rows")
             and not getattr(ctx, "row_invariant", False)):
         sdt, odt = _native.DTYPE_CODES[scale.dtype], _native.DTYPE_CODES[panel]
@@ -133,9 +133,38 @@ def native_quant_linear(ctx, node, inputs, params):
 # kernel 1.8x the fp32 GEMM; so there floats take fp32-panel and quantized weights integer. With
 # AMX-BF16 oneDNN's bf16 GEMM is the fastest of all (issue 16: an AMX VM's bf16 prefill ran 1.7x
 # its INT4 prefill), so quantized weights take bf16-panel and floats torch.
+#  - "by-size" (quantized weights, CPUs with AVX2 but no VNNI / AMX): "integer" or "fp32-panel"
+#    per weight format and row count, from QUANT_PANEL_FROM_M (below), what was measured there.
 PREFILL_GEMM_MIN_M = 8
 PREFILL_PANEL_ROWS = 4096
-PREFILL_PATHS = {"quant": ("integer", "fp32-panel", "bf16-panel"), "float": ("torch", "fp32-panel", "bf16-panel")}
+PREFILL_PATHS = {"quant": ("by-size", "integer", "fp32-panel", "bf16-panel"),
+                 "float": ("torch", "fp32-panel", "bf16-panel")}
+# "by-size": per (bits, group-wise?) the row count M from which the fp32 panel is taken; below it
+# the integer kernel (None: the integer kernel at every M). From measurements on an AMD EPYC (Zen
+# 2, 2 cores, AVX2/FMA/F16C, no AVX-512 / VNNI), 2 threads, bf16 activations, 2026-12-03:
+#  - a quiet machine, 8 chatglm3-6b layers (benchmarks/results/2026-12-03-cpu-vs-llama-cpp-chatglm3-
+#    6b-L8-quiet, all quantized linears on the integer kernel): INT8-g32 prefill 1.17x bf16's at 128
+#    tokens, 0.84x at 512; INT4-g32 1.41x and 1.04x;
+#  - one linear, 4096 x 4096, M = 512, best of 3 (a quiet moment): bf16 through the fp32 panel 120
+#    GFLOP/s, integer INT8-g32 111, INT8 per channel 117, INT4-g32 134;
+#  - `OMP_NUM_THREADS=2 python benchmarks/cpu_prefill_paths.py --m 128,512 --rounds 3` (the four
+#    linears of a layer, best of 3; load 5-6 from other jobs, so +-30%): at M = 128 the integer
+#    kernel 1.29-2.8x bf16's layer time for every format, the fp32 panel 0.91-1.13x; at M = 256 and
+#    512 on 4096 x 4096 and 4096 x 13696, INT8 integer and INT8 fp32-panel within noise of each
+#    other at 256, the panel ahead at 512 (26.6 / 25.6 and 40.6 / 27.2 GFLOP/s for g32).
+# So INT8 (either scale layout) takes the panel from 256 rows, INT4 the integer kernel throughout.
+# The INT8 panel is the bf16 path's own GEMM (a dequantization in place of a widening copy), so at
+# large M INT8 prefill ties bf16's rather than beating it: on AVX2 an int8 dot product (vpmaddubsw +
+# vpmaddwd, then a conversion and an FMA per block of 32 for the activation scales) retires no more
+# multiply-adds per cycle than fp32 FMAs on Zen 2; INT4 wins by reading half the bytes.
+# Batch invariance: the integer kernel and the panel round differently (the integer kernel
+# quantizes the activations to int8), and the choice follows the row count of the call, so a
+# quantized request's prefill logits can differ, by that rounding, between alone and in a batch
+# whose rows cross the threshold. The serving engine is not affected: it prefills each request
+# alone in chunks fixed per request, and its batched decode steps run row_invariant (the integer
+# kernel for every row).
+QUANT_PANEL_FROM_M: dict[tuple[int, bool], int | None] = {(8, True): 256, (8, False): 256, (4, True): None,
+                                                          (4, False): None}
 
 
 def _cpu_flags() -> set[str]:
@@ -153,7 +182,9 @@ def default_prefill(flags: set[str], override: str = "") -> dict[str, str]:
     """PREFILL for a CPU with these /proc/cpuinfo flags, then "kind=path,..." overrides applied."""
     amx = "amx_bf16" in flags
     fast_bf16 = amx or "avx512_bf16" in flags
-    out = {"quant": "bf16-panel" if amx else "integer", "float": "torch" if fast_bf16 else "fp32-panel"}
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    quant = "bf16-panel" if amx else ("integer" if vnni or "avx2" not in flags else "by-size")
+    out = {"quant": quant, "float": "torch" if fast_bf16 else "fp32-panel"}
     for item in (t.strip() for t in override.split(",") if t.strip()):
         kind, _, path = item.partition("=")
         if kind not in PREFILL_PATHS or path not in PREFILL_PATHS[kind]:
@@ -164,6 +195,15 @@ def default_prefill(flags: set[str], override: str = "") -> dict[str, str]:
 
 
 PREFILL = default_prefill(_cpu_flags(), os.environ.get("GLMRT_CPU_PREFILL", ""))
+
+
+def quant_prefill_path(bits: int, group: int, m: int) -> str:
+    """The PREFILL path a quantized linear of this format takes for m rows of activations."""
+    path = PREFILL["quant"]
+    if path != "by-size":
+        return path
+    start = QUANT_PANEL_FROM_M.get((bits, group != 0))
+    return "fp32-panel" if start is not None and m >= start else "integer"
 
 
 def _panel_dtype(path: str, x_dtype: torch.dtype) -> torch.dtype | None:
@@ -204,6 +244,18 @@ def _row_gemm_ready(module) -> bool:
             and module.linear_float_isa() == "avx2")
 
 
+def _row_gemm(module, x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """x2d (M, K) @ weight^T + bias in fp16 with native linear_float_gemm (see _row_gemm_ready)."""
+    x2d, weight = x2d.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    (m, k), n = x2d.shape, weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.float16)
+    if m and n:
+        module.linear_float_gemm(x2d.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                 out.data_ptr(), _native.DTYPE_CODES[torch.float16], m, n, k)
+    return out
+
+
 def _float_panel_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor | None:
     """The prefill GEMM of float weights where PREFILL["float"] is a panel path; None elsewhere
     (then F.linear runs)."""
@@ -223,14 +275,7 @@ def _float_panel_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias) -> torch.Te
         module, _ = native()
         if module is None or not _row_gemm_ready(module):
             return None
-        x2d, weight = x2d.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        n = weight.shape[0]
-        out = torch.empty((m, n), dtype=torch.float16)
-        if m and n:
-            module.linear_float_gemm(x2d.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                     out.data_ptr(), _native.DTYPE_CODES[torch.float16], m, n, k)
-        return out
+        return _row_gemm(module, x2d, weight, bias)
     if x2d.dtype != torch.bfloat16:
         return None  # float32 is already the fp32 GEMM
     weight = weight.contiguous()
@@ -280,10 +325,14 @@ def _float_gemv_rows(ctx, module, x2d: torch.Tensor, weight: torch.Tensor, bias)
     """_float_gemv, and under ctx.row_invariant (the serving engine's batched decode) also beyond
     FLOAT_GEMV_MAX_M rows, in chunks of at most that many: the GEMV computes every row alike
     whatever the row count, so a request's logits do not depend on how many others share the step
-    (a GEMM from F.linear would sum in another order)."""
+    (a GEMM from F.linear would sum in another order). float16 there takes linear_float_gemm, whose
+    outputs are the GEMV's bit for bit, in one pass over the weights."""
     limit = module.FLOAT_GEMV_MAX_M
     if not getattr(ctx, "row_invariant", False) or x2d.shape[0] <= limit:
         return _float_gemv(module, x2d, weight, bias)
+    if (x2d.dtype == weight.dtype == torch.float16 and weight.dim() == 2 and weight.shape[1] == x2d.shape[1]
+            and (bias is None or bias.dtype == torch.float16) and _row_gemm_ready(module)):
+        return _row_gemm(module, x2d, weight, bias)  # the GEMV's outputs bit for bit, one pass over W
     parts = [_float_gemv(module, x2d[i:i + limit], weight, bias) for i in range(0, x2d.shape[0], limit)]
     return None if any(p is None for p in parts) else torch.cat(parts)
 

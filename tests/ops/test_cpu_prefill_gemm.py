@@ -52,7 +52,9 @@ def test_dequantize_rows_refuses_bad_ranges():
 
 
 def test_default_prefill_follows_the_cpu():
-    assert kernels.default_prefill({"avx2"}) == {"quant": "integer", "float": "fp32-panel"}
+    assert kernels.default_prefill({"avx2"}) == {"quant": "by-size", "float": "fp32-panel"}
+    assert kernels.default_prefill({"avx2", "avx512_vnni"}) == {"quant": "integer", "float": "fp32-panel"}
+    assert kernels.default_prefill(set()) == {"quant": "integer", "float": "fp32-panel"}
     assert kernels.default_prefill({"avx512f", "avx512_bf16"}) == {"quant": "integer", "float": "torch"}
     assert kernels.default_prefill({"amx_bf16", "amx_tile"}) == {"quant": "bf16-panel", "float": "torch"}
     assert kernels.default_prefill({"avx2"}, "quant=fp32-panel, float=torch") == {"quant": "fp32-panel",
@@ -63,6 +65,39 @@ def test_default_prefill_follows_the_cpu():
 
 class _Ctx:
     row_invariant = False
+
+
+def test_by_size_picks_the_measured_path_per_format_and_rows(monkeypatch):
+    """"by-size" reads QUANT_PANEL_FROM_M per (bits, group-wise): the fp32 panel from that row count
+    on, the integer kernel below it and for formats without an entry; other paths ignore M."""
+    # The table covers every format the native kernels take.
+    assert set(kernels.QUANT_PANEL_FROM_M) == {(8, True), (8, False), (4, True), (4, False)}
+    monkeypatch.setitem(kernels.PREFILL, "quant", "by-size")
+    monkeypatch.setattr(kernels, "QUANT_PANEL_FROM_M", {(8, True): 256, (8, False): None, (4, True): 64})
+    assert [kernels.quant_prefill_path(8, 32, m) for m in (9, 255, 256, 512)] == \
+        ["integer", "integer", "fp32-panel", "fp32-panel"]
+    assert kernels.quant_prefill_path(8, 0, 4096) == "integer"
+    assert kernels.quant_prefill_path(4, 128, 64) == "fp32-panel" and kernels.quant_prefill_path(4, 0, 4096) == "integer"
+    monkeypatch.setitem(kernels.PREFILL, "quant", "bf16-panel")
+    assert kernels.quant_prefill_path(8, 0, 9) == "bf16-panel"
+
+
+def test_by_size_runs_the_chosen_path(monkeypatch):
+    monkeypatch.setitem(kernels.PREFILL, "quant", "by-size")
+    monkeypatch.setattr(kernels, "QUANT_PANEL_FROM_M", {(4, True): 16})
+    k, n = 64, 40
+    w, scale = _quantized(4, n, k, 32, torch.float16, 3)
+    params, node = {"weight": w, "scale": scale}, _node(True, k, n, torch.float32)
+    x = torch.randn(1, 20, k)
+
+    def run(path, rows):
+        with monkeypatch.context() as m:
+            m.setitem(kernels.PREFILL, "quant", path)
+            return kernels.native_quant_linear(_Ctx(), node, [x[:, :rows]], params)
+
+    assert torch.equal(kernels.native_quant_linear(_Ctx(), node, [x], params), run("fp32-panel", 20))
+    assert torch.equal(kernels.native_quant_linear(_Ctx(), node, [x[:, :15]], params), run("integer", 15))
+    assert not torch.equal(run("fp32-panel", 20), run("integer", 20))
 
 
 def _node(quantized, k, n, dtype, bits=4, group=32):
@@ -194,6 +229,23 @@ def test_float16_prefill_rows_do_not_depend_on_the_batch(prefill):
     head = kernels.native_lm_head(ctx, node, [x], {"weight": w})
     for i in range(3):
         assert torch.equal(head[i:i + 1], kernels.native_lm_head(ctx, node, [x[i:i + 1]], {"weight": w}))
+
+
+@needs_row_gemm
+def test_float16_row_invariant_takes_the_row_gemm_beyond_the_gemv():
+    """Under row_invariant (the serving engine's batched decode) 13 fp16 rows take the GEMM in one
+    pass, each row what it is alone."""
+    g = torch.Generator().manual_seed(6)
+    x, w, b = torch.randn(13, 1, 48, generator=g).half(), torch.randn(30, 48, generator=g).half(), \
+        torch.randn(30, generator=g).half()
+    ctx = _Ctx()
+    ctx.row_invariant = True
+    node = _node(False, 48, 30, torch.float16)
+    batched = kernels.native_float_linear(ctx, node, [x], {"weight": w, "bias": b})
+    assert torch.equal(batched[:, 0], _row_gemm(x[:, 0].contiguous(), w, b))
+    for i in range(13):
+        assert torch.equal(batched[i], kernels.native_float_linear(ctx, node, [x[i:i + 1]], {"weight": w,
+                                                                                            "bias": b})[0])
 
 
 def test_float16_prefill_without_the_row_gemm_keeps_f_linear(prefill, monkeypatch):
