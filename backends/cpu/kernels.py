@@ -124,17 +124,20 @@ def native_quant_linear(ctx, node, inputs, params):
 #  - "bf16-panel": the same with bf16 panels and torch's bf16 GEMM (oneDNN, AMX-BF16 where the CPU
 #    has it); the panel holds dequantize(..., bfloat16), what the reference (glmrt.ops.linear)
 #    multiplies;
-#  - "torch" (float weights): F.linear as it is.
-# float16 weights take neither panel: where PREFILL["float"] is a panel path they take native
-# linear_float_gemm, whose outputs equal the decode GEMV's bit for bit (batch invariance, see
-# _float_panel_gemm); fp16 prefill 4608 x 4096 at M = 512 went from F.linear's ~8 GFLOP/s to ~90.
-# Measured (2 threads, AMD EPYC, AVX2 without AVX-512 / AMX, 128 x 4096 x 4608, 2026-12-03): torch's
-# bf16 F.linear 2.1 GFLOP/s and fp16 about 2x that, its fp32 GEMM 3.5x bf16's, the native INT4
-# kernel 1.8x the fp32 GEMM; so there floats take fp32-panel and quantized weights integer. With
-# AMX-BF16 oneDNN's bf16 GEMM is the fastest of all (issue 16: an AMX VM's bf16 prefill ran 1.7x
-# its INT4 prefill), so quantized weights take bf16-panel and floats torch.
+#  - "torch" (float weights): F.linear as it is;
 #  - "by-size" (quantized weights, CPUs with AVX2 but no VNNI / AMX): "integer" or "fp32-panel"
 #    per weight format and row count, from QUANT_PANEL_FROM_M (below), what was measured there.
+# float16 weights take neither panel: where PREFILL["float"] is a panel path they take native
+# linear_float_gemm, whose outputs equal the decode GEMV's bit for bit (batch invariance, see
+# _float_panel_gemm). 4608 x 4096 with 2 threads: at M = 128 (one run, load 7) F.linear 7.1 GFLOP/s,
+# linear_float_gemm 30.0, the bf16 fp32 panel 37.0; at M = 512 (a quieter moment, load 2)
+# linear_float_gemm 88-92, the fp32 panel 58-122.
+# Measured (2 threads, AMD EPYC, AVX2 without AVX-512 / AMX, 128 x 4096 x 4608, 2026-12-03): torch's
+# bf16 F.linear 2.1 GFLOP/s and fp16 about 2x that, its fp32 GEMM 3.5x bf16's, the native INT4
+# kernel 1.8x the fp32 GEMM; so there floats take fp32-panel and quantized weights integer (refined
+# per format and row count by "by-size"; with VNNI, integer at every size, not measured here). With
+# AMX-BF16 oneDNN's bf16 GEMM is the fastest of all (issue 16: an AMX VM's bf16 prefill ran 1.7x
+# its INT4 prefill), so quantized weights take bf16-panel and floats torch.
 PREFILL_GEMM_MIN_M = 8
 PREFILL_PANEL_ROWS = 4096
 PREFILL_PATHS = {"quant": ("by-size", "integer", "fp32-panel", "bf16-panel"),
