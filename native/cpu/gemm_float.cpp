@@ -27,6 +27,7 @@ constexpr int64_t kMR = 6;      // x rows per register tile
 constexpr int64_t kNR = 16;     // weight rows per register tile and per packed panel
 constexpr int64_t kLanes = 16;  // the GEMV's lane sums (two 8-wide accumulators)
 constexpr int64_t kChunk = 256; // steps of 16 along K per pass over the x blocks
+constexpr int64_t kGroup = 16;  // blocks of x rows per pass over a chunk
 
 bool detect_avx2() {
   __builtin_cpu_init();
@@ -153,26 +154,29 @@ void linear_float_gemm(const void* x, const void* weight, const void* bias, void
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < mblocks; ++b) pack_x(xh, M, K, S, b, xp.data() + b * xblock);
   // K in chunks of kChunk steps, so the chunk of a weight panel (16 lanes x kChunk x 16 fp32,
-  // 256 KiB) stays in L2 while every block of x rows passes; the lane sums of all x blocks live in
-  // a per-thread buffer between chunks.
+  // 256 KiB) stays in L2 while a group of kGroup blocks of x rows passes; the lane sums of the
+  // group (kGroup x 6 KiB) live in a per-thread buffer between chunks.
   const int64_t chunks = S > 0 ? (S + kChunk - 1) / kChunk : 1;
   constexpr int64_t L = kMR * kNR;  // floats per lane of one tile
 #pragma omp parallel
   {
     std::vector<float> wp(static_cast<size_t>(kLanes * S * kNR > 0 ? kLanes * S * kNR : 1));
-    std::vector<float> p(static_cast<size_t>(mblocks * kLanes * L));
+    std::vector<float> p(static_cast<size_t>((mblocks < kGroup ? mblocks : kGroup) * kLanes * L));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t nb = 0; nb < nblocks; ++nb) {
       const int64_t n0 = nb * kNR;
       pack_w(wh, N, K, S, n0, wp.data());
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t s0 = ch * kChunk, steps = S - s0 < kChunk ? S - s0 : kChunk;
-        for (int64_t b = 0; b < mblocks; ++b) {
-          const float* xb = xp.data() + b * xblock;
-          for (int64_t j = 0; j < kLanes; ++j)
-            tile_lane(wp.data() + (j * S + s0) * kNR, xb + (j * S + s0) * kMR, steps, p.data() + (b * kLanes + j) * L,
-                      ch > 0);
-          if (ch == chunks - 1) finish_tile(p.data() + b * kLanes * L, xh, wh, bh, oh, M, N, K, b * kMR, n0);
+      for (int64_t g0 = 0; g0 < mblocks; g0 += kGroup) {  // x blocks in groups: their sums stay in L2
+        const int64_t g1 = g0 + kGroup < mblocks ? g0 + kGroup : mblocks;
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          const int64_t s0 = ch * kChunk, steps = S - s0 < kChunk ? S - s0 : kChunk;
+          for (int64_t b = g0; b < g1; ++b) {
+            const float* xb = xp.data() + b * xblock;
+            float* pb = p.data() + (b - g0) * kLanes * L;
+            for (int64_t j = 0; j < kLanes; ++j)
+              tile_lane(wp.data() + (j * S + s0) * kNR, xb + (j * S + s0) * kMR, steps, pb + j * L, ch > 0);
+            if (ch == chunks - 1) finish_tile(pb, xh, wh, bh, oh, M, N, K, b * kMR, n0);
+          }
         }
       }
     }

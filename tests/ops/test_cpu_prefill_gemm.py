@@ -180,10 +180,11 @@ needs_row_gemm = pytest.mark.skipif(not (hasattr(native, "linear_float_gemm") an
                                     reason="linear_float_gemm needs AVX2 and the GEMV on its AVX2 path")
 
 
-# K: below one step of 16, remainders of 8-15 and 1-7, one K chunk exactly, several chunks and a tail.
+# K: below one step of 16, remainders of 8-15 and 1-7, one K chunk exactly, several chunks and a tail;
+# M: one block of 6 rows, partial blocks, more than one group of 16 blocks (with several K chunks).
 @needs_row_gemm
 @pytest.mark.parametrize("m,n,k", [(1, 5, 3), (9, 33, 16), (13, 17, 40), (20, 50, 101), (12, 16, 4096),
-                                   (31, 21, 4096 * 2 + 24 + 5)])
+                                   (31, 21, 4096 * 2 + 24 + 5), (100, 19, 4096 + 24)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_float16_row_gemm_is_the_decode_gemv_bit_for_bit(m, n, k, with_bias):
     """native linear_float_gemm (fp16 prefill) against the decode GEMV (linear_float) on the same rows
