@@ -197,6 +197,7 @@ def test_float16_row_gemm_is_the_decode_gemv_bit_for_bit(m, n, k, with_bias):
     limit = native.FLOAT_GEMV_MAX_M
     want = torch.cat([_gemv(x[i:i + limit].contiguous(), w, b) for i in range(0, m, limit)])
     assert torch.equal(got, want)
+    assert torch.equal(got[-1:], _gemv(x[-1:].contiguous(), w, b))  # the decode case, M = 1
     exact = x.double() @ w.double().T + (0 if b is None else b.double())
     magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
     # fp16 rounding once (2^-11 relative, 2^-25 absolute at the subnormal end); fp32 sums of at
