@@ -129,9 +129,11 @@ def native_quant_linear(ctx, node, inputs, params):
 #    per weight format and row count, from QUANT_PANEL_FROM_M (below), what was measured there.
 # float16 weights take neither panel: where PREFILL["float"] is a panel path they take native
 # linear_float_gemm, whose outputs equal the decode GEMV's bit for bit (batch invariance, see
-# _float_panel_gemm). 4608 x 4096 with 2 threads: at M = 128 (one run, load 7) F.linear 7.1 GFLOP/s,
-# linear_float_gemm 30.0, the bf16 fp32 panel 37.0; at M = 512 (a quieter moment, load 2)
-# linear_float_gemm 88-92, the fp32 panel 58-122.
+# _float_panel_gemm). With 2 threads on the AMD EPYC above: 4608 x 4096 at M = 128 (load 7) F.linear
+# 7.1 GFLOP/s, linear_float_gemm 30.0; benchmarks/cpu_prefill_paths.py (quiet, see "by-size"):
+# linear_float_gemm 77-91 GFLOP/s at every shape and M, one layer's linears 0.88x / 0.76x / 0.65x
+# the bf16 fp32 panel's time at M = 128 / 256 / 512 (the BLAS reaches 107-137 at large M; this GEMM
+# keeps the GEMV's 16 lane chains, one register tile per lane).
 # Measured (2 threads, AMD EPYC, AVX2 without AVX-512 / AMX, 128 x 4096 x 4608, 2026-12-03): torch's
 # bf16 F.linear 2.1 GFLOP/s and fp16 about 2x that, its fp32 GEMM 3.5x bf16's, the native INT4
 # kernel 1.8x the fp32 GEMM; so there floats take fp32-panel and quantized weights integer (refined
@@ -148,25 +150,25 @@ PREFILL_PATHS = {"quant": ("by-size", "integer", "fp32-panel", "bf16-panel"),
 #  - a quiet machine, 8 chatglm3-6b layers (benchmarks/results/2026-12-03-cpu-vs-llama-cpp-chatglm3-
 #    6b-L8-quiet, all quantized linears on the integer kernel): INT8-g32 prefill 1.17x bf16's at 128
 #    tokens, 0.84x at 512; INT4-g32 1.41x and 1.04x;
-#  - one linear, 4096 x 4096, M = 512, best of 3 (a quiet moment): bf16 through the fp32 panel 120
-#    GFLOP/s, integer INT8-g32 111, INT8 per channel 117, INT4-g32 134;
-#  - `OMP_NUM_THREADS=2 python benchmarks/cpu_prefill_paths.py --m 128,512 --rounds 3` (the four
-#    linears of a layer, best of 3; load 5-6 from other jobs, so +-30%): at M = 128 the integer
-#    kernel 1.29-2.8x bf16's layer time for every format, the fp32 panel 0.91-1.13x; at M = 256 and
-#    512 on 4096 x 4096 and 4096 x 13696, INT8 integer and INT8 fp32-panel within noise of each
-#    other at 256, the panel ahead at 512 (26.6 / 25.6 and 40.6 / 27.2 GFLOP/s for g32).
-# So INT8 (either scale layout) takes the panel from 256 rows, INT4 the integer kernel throughout.
+#  - `OMP_NUM_THREADS=2 python benchmarks/cpu_prefill_paths.py --m 128,256,512 --rounds 2
+#    --no-f16-torch` (the four linears of a layer, best of 2, load 0.8-1.7), one layer's time
+#    against bf16's (fp32 panel: 526 / 905 / 1576 ms at M = 128 / 256 / 512):
+#      M = 128: integer INT8-g32 1.24x, INT8 1.28x, INT4-g32 1.64x, INT4 1.89x; fp32-panel 1.00-1.01x
+#      M = 256: integer 1.02x, 1.07x, 1.35x, 1.56x; fp32-panel 1.02x, 1.03x, 1.03x, 1.03x
+#      M = 512: integer 0.89x, 0.92x, 1.17x, 1.34x; fp32-panel 1.02x, 1.01x, 1.01x, 1.01x
+# So INT8-g32 takes the panel from 256 rows (a tie there), INT8 per channel from 384 (between its
+# win at 256 and its loss at 512), INT4 the integer kernel throughout.
 # The INT8 panel is the bf16 path's own GEMM (a dequantization in place of a widening copy), so at
 # large M INT8 prefill ties bf16's rather than beating it: on AVX2 an int8 dot product (vpmaddubsw +
 # vpmaddwd, then a conversion and an FMA per block of 32 for the activation scales) retires no more
-# multiply-adds per cycle than fp32 FMAs on Zen 2; INT4 wins by reading half the bytes.
+# multiply-adds per cycle than fp32 FMAs on Zen 2. INT4's integer kernel stays ahead (above).
 # Batch invariance: the integer kernel and the panel round differently (the integer kernel
 # quantizes the activations to int8), and the choice follows the row count of the call, so a
 # quantized request's prefill logits can differ, by that rounding, between alone and in a batch
 # whose rows cross the threshold. The serving engine is not affected: it prefills each request
 # alone in chunks fixed per request, and its batched decode steps run row_invariant (the integer
 # kernel for every row).
-QUANT_PANEL_FROM_M: dict[tuple[int, bool], int | None] = {(8, True): 256, (8, False): 256, (4, True): None,
+QUANT_PANEL_FROM_M: dict[tuple[int, bool], int | None] = {(8, True): 256, (8, False): 384, (4, True): None,
                                                           (4, False): None}
 
 
