@@ -129,8 +129,8 @@ def native_quant_linear(ctx, node, inputs, params):
 #    per weight format and row count, from QUANT_PANEL_FROM_M (below), what was measured there.
 # float16 weights take neither panel: where PREFILL["float"] is a panel path they take native
 # linear_float_gemm, whose outputs equal the decode GEMV's bit for bit (batch invariance, see
-# _float_panel_gemm). With 2 threads on the AMD EPYC above: 4608 x 4096 at M = 128 (load 7) F.linear
-# 7.1 GFLOP/s, linear_float_gemm 30.0; benchmarks/cpu_prefill_paths.py (quiet, see "by-size"):
+# _float_panel_gemm). With 2 threads on the AMD EPYC of "by-size" below: 4608 x 4096, M = 128 (load 7), F.linear
+# 7.1 GFLOP/s, linear_float_gemm 30.0; benchmarks/cpu_prefill_paths.py (quiet, the command there):
 # linear_float_gemm 77-91 GFLOP/s at every shape and M, one layer's linears 0.88x / 0.76x / 0.65x
 # the bf16 fp32 panel's time at M = 128 / 256 / 512 (the BLAS reaches 107-137 at large M; this GEMM
 # keeps the GEMV's 16 lane chains, one register tile per lane).
