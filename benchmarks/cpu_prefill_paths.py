@@ -8,7 +8,8 @@ bf16), fp16 weights through torch's F.linear and through native linear_float_gem
 group-wise (g32) and per output channel, through the "integer" path (native linear_int8 / int4: int8
 dot products) and the "fp32-panel" path (native dequantize_rows + torch's fp32 GEMM). Activations
 bf16 (fp16 for the fp16 weights), as glmrt's models run them. Prints GFLOP/s per (shape, path) and,
-per M, the time of one layer's four linears (the best of the rounds: the machine is shared) per path with its ratio to bf16's; one JSON line at the end.
+per M, the time of one layer's four linears (the best of the rounds: the machine is shared) per
+path with its ratio to bf16's; one JSON line at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--m", default="128,512", help="activation rows, comma-separated")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds (paths alternate within a round); the best (least disturbed by other load) reported")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds (paths alternate within a round); the best (least disturbed by other load) reported")
     ap.add_argument("--no-f16-torch", action="store_true", help="skip torch's fp16 F.linear (slow)")
     return ap.parse_args()
 

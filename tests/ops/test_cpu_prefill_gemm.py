@@ -77,7 +77,8 @@ def test_by_size_picks_the_measured_path_per_format_and_rows(monkeypatch):
     assert [kernels.quant_prefill_path(8, 32, m) for m in (9, 255, 256, 512)] == \
         ["integer", "integer", "fp32-panel", "fp32-panel"]
     assert kernels.quant_prefill_path(8, 0, 4096) == "integer"
-    assert kernels.quant_prefill_path(4, 128, 64) == "fp32-panel" and kernels.quant_prefill_path(4, 0, 4096) == "integer"
+    assert kernels.quant_prefill_path(4, 128, 64) == "fp32-panel"
+    assert kernels.quant_prefill_path(4, 0, 4096) == "integer"
     monkeypatch.setitem(kernels.PREFILL, "quant", "bf16-panel")
     assert kernels.quant_prefill_path(8, 0, 9) == "bf16-panel"
 
