@@ -516,6 +516,21 @@ GLMRT_AVX512_FN void dot_rows_avx512(const uint8_t* w, int64_t stride, int64_t n
 
 constexpr int kRows = 4;  // weight rows per kernel call
 
+// The rr weight rows from n: their per-row scale (1 in group modes) and bias in s / bias, and in
+// group modes each row's group scales widened to fp32 into srows (sstride floats per row).
+template <int SM>
+GLMRT_AVX2_FN void row_scales(const Problem& p, int64_t n, int rr, float* s, float* bias, float* srows,
+                              int64_t sstride) {
+  for (int r = 0; r < rr; ++r) {
+    s[r] = 1.f;
+    if (SM == kPerRow)
+      s[r] = load_f32_hw(p.scale, n + r, p.scale_type);
+    else
+      to_f32_avx2(p.scale, (n + r) * p.groups, p.groups, p.scale_type, srows + r * sstride);
+    bias[r] = p.bias ? load_f32_hw(p.bias, n + r, p.bias_type) : 0.f;
+  }
+}
+
 // The per-row loop, shared by every SIMD kernel (an AVX2 function; the kernels are calls).
 template <int SM, class Kern>
 GLMRT_AVX2_FN void rows_simd(const Problem& p, const Acts& a, int64_t n0, int64_t n1, DotRowsFn dot_r,
@@ -538,14 +553,7 @@ GLMRT_AVX2_FN void rows_simd(const Problem& p, const Acts& a, int64_t n0, int64_
     const int64_t me = mb + mstep < p.M ? mb + mstep : p.M;
     for (int64_t n = n0; n < n1; n += kRows) {
       const int rr = n1 - n < kRows ? static_cast<int>(n1 - n) : kRows;
-      for (int r = 0; r < rr; ++r) {
-        s[r] = 1.f;
-        if (SM == kPerRow)
-          s[r] = load_f32_hw(p.scale, n + r, p.scale_type);
-        else
-          to_f32_avx2(p.scale, (n + r) * p.groups, p.groups, p.scale_type, srow_buf.data() + r * sstride);
-        bias[r] = p.bias ? load_f32_hw(p.bias, n + r, p.bias_type) : 0.f;
-      }
+      row_scales<SM>(p, n, rr, s, bias, srow_buf.data(), sstride);
       const uint8_t* w = p.w + n * p.row_bytes;
       for (int64_t m = mb; m < me; ++m) {
         const int8_t* xq = a.q + m * a.Kpad;
@@ -584,14 +592,7 @@ GLMRT_AVX2_FN void rows_avx2(const Problem& p, const Acts& a, int64_t n0, int64_
     const int64_t me = mb + mstep < p.M ? mb + mstep : p.M;
     for (int64_t n = n0; n < n1; n += kRows) {
       const int rr = n1 - n < kRows ? static_cast<int>(n1 - n) : kRows;
-      for (int r = 0; r < rr; ++r) {
-        s[r] = 1.f;
-        if (SM == kPerRow)
-          s[r] = load_f32_hw(p.scale, n + r, p.scale_type);
-        else
-          to_f32_avx2(p.scale, (n + r) * p.groups, p.groups, p.scale_type, srow_buf.data() + r * sstride);
-        bias[r] = p.bias ? load_f32_hw(p.bias, n + r, p.bias_type) : 0.f;
-      }
+      row_scales<SM>(p, n, rr, s, bias, srow_buf.data(), sstride);
       const uint8_t* w = p.w + n * p.row_bytes;
       for (int64_t m = mb; m < me;) {
         const int8_t* xq[kMB];
