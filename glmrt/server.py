@@ -653,7 +653,11 @@ def _follow_rank_zero(loader, max_batch: int, max_len: int | None) -> int:
           file=sys.stderr, flush=True)
     follow(engine)
     print(f"glmrt serve: rank {comm.rank} of {comm.size}: rank 0 stopped serving; exiting", file=sys.stderr, flush=True)
-    return 0
+    # Rank 0 has gone: tearing the gloo group down in the interpreter's exit (its threads still
+    # joinable, the peer's sockets closed) can abort the process ("terminate called without an
+    # active exception", seen 1 run in 3 in CI). Nothing is left to flush, so leave at once.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def serve(model_spec: str, *, backend: str = "auto", dtype=None, quantize=None, layers=None, host: str = "127.0.0.1",
